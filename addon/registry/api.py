@@ -1,0 +1,242 @@
+"""Where the registry HTTP API (distribution spec, /v2/) carries repository names:
+request paths and query parameters, ``Location`` and ``Link`` headers, the JSON of
+tags/list, _catalog and errors. No mitmproxy imports here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+MapName = Callable[[str], str | None]
+
+# The endpoints that follow a repository name. The name is the shortest prefix that
+# leaves one of them, so a name may itself contain "blobs" or "manifests".
+_REPOSITORY_PATH = re.compile(
+    r"/v2/(?P<name>.+?)(?P<endpoint>/(?:manifests/[^/]+|blobs/uploads/[^/]*|blobs/[^/]+"
+    r"|tags/list|referrers/[^/]+))"
+)
+
+ENDPOINT_KINDS = ("manifests", "blobs/uploads", "blobs", "tags/list", "referrers")
+
+
+@dataclass(frozen=True)
+class RepositoryPath:
+    name: str
+    endpoint: str  # "/manifests/latest", "/blobs/uploads/", "/tags/list", ...
+
+    @property
+    def kind(self) -> str:
+        """One of ENDPOINT_KINDS."""
+        part = self.endpoint[1:]
+        if part.startswith("blobs/uploads/"):
+            return "blobs/uploads"
+        return part.split("/", 1)[0] if part != "tags/list" else "tags/list"
+
+    @property
+    def reference(self) -> str:
+        """The tag, digest or upload id after the endpoint, if any."""
+        return "" if self.kind == "tags/list" else self.endpoint.rsplit("/", 1)[1]
+
+    def path(self) -> str:
+        return f"/v2/{self.name}{self.endpoint}"
+
+
+def parse_repository_path(path: str) -> RepositoryPath | None:
+    """Split a request path (without query) into repository name and endpoint.
+
+    ``/v2/``, ``/v2/_catalog`` and anything that is not a repository endpoint give None.
+    """
+    m = _REPOSITORY_PATH.fullmatch(path)
+    if m is None:
+        return None
+    return RepositoryPath(m.group("name"), m.group("endpoint"))
+
+
+def is_catalog(path: str) -> bool:
+    return path == "/v2/_catalog"
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """Split a request target into path and query (without the '?')."""
+    path, _, query = target.partition("?")
+    return path, query
+
+
+# --- query parameters -----------------------------------------------------------------
+
+
+def query_value(query: str, key: str) -> str | None:
+    for pair in query.split("&"):
+        k, sep, v = pair.partition("=")
+        if unquote(k) == key:
+            return unquote(v.replace("+", " "))
+    return None
+
+
+def replace_query_value(query: str, key: str, value: str) -> str:
+    """Replace ``key``'s value, keeping every other pair's exact bytes."""
+    out = []
+    for pair in query.split("&"):
+        k, sep, _ = pair.partition("=")
+        out.append(f"{k}={quote(value, safe='')}" if unquote(k) == key else pair)
+    return "&".join(out)
+
+
+# --- Location and Link ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def netloc(self) -> str:
+        default = {"http": 80, "https": 443}.get(self.scheme)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname.lower(), port)
+
+
+def rewrite_url(
+    url: str,
+    upstream: Origin,
+    public: Origin,
+    map_name: MapName,
+    map_catalog_last: MapName | None = None,
+) -> str:
+    """Turn a URL the upstream sent (Location, Link) into the one the client must use.
+
+    Relative URLs and absolute ones at the upstream get their repository name mapped
+    (and point at the proxy); a URL at any other host (a redirect to blob storage)
+    is left exactly as it is.
+    """
+    parts = urlsplit(url)
+    if parts.netloc:
+        try:
+            origin = Origin.parse(url)
+        except ValueError:
+            return url
+        if origin != upstream:
+            return url
+    path, query = parts.path, parts.query
+    repo = parse_repository_path(path)
+    if repo is not None:
+        name = map_name(repo.name)
+        if name is not None:
+            path = RepositoryPath(name, repo.endpoint).path()
+    elif is_catalog(path) and map_catalog_last is not None:
+        last = query_value(query, "last")
+        if last is not None:
+            new_last = map_catalog_last(last)
+            if new_last is not None:
+                query = replace_query_value(query, "last", new_last)
+    if not parts.netloc:
+        return urlunsplit(("", "", path, query, parts.fragment))
+    return urlunsplit((public.scheme, public.netloc, path, query, parts.fragment))
+
+
+_LINK = re.compile(r"\s*<(?P<url>[^>]*)>(?P<params>[^,]*(?:\"[^\"]*\"[^,]*)*)")
+
+
+def rewrite_link(header: str, rewrite: Callable[[str], str]) -> str:
+    """Rewrite the URL of each ``<url>; rel=...`` entry of a Link header."""
+    out = []
+    pos = 0
+    while pos < len(header):
+        m = _LINK.match(header, pos)
+        if m is None:
+            return header  # not a Link we understand: leave it alone
+        out.append(f"<{rewrite(m.group('url'))}>{m.group('params')}")
+        pos = m.end()
+        while pos < len(header) and header[pos] in ", ":
+            pos += 1
+    return ", ".join(out)
+
+
+# --- JSON bodies ----------------------------------------------------------------------
+
+
+def rewrite_tags_list(body: bytes, client_name: str) -> bytes:
+    """tags/list names the repository: the client must see the name it asked for."""
+    doc = json.loads(body)
+    if isinstance(doc, dict) and "name" in doc:
+        doc["name"] = client_name
+    return json.dumps(doc).encode()
+
+
+def rewrite_catalog(body: bytes, map_name: MapName) -> bytes:
+    """Map _catalog's repositories to client names, dropping those with none."""
+    doc = json.loads(body)
+    repositories = doc.get("repositories") if isinstance(doc, dict) else None
+    if not isinstance(repositories, list):
+        return body
+    doc["repositories"] = [
+        client
+        for client in (map_name(n) if isinstance(n, str) else None for n in repositories)
+        if client is not None
+    ]
+    return json.dumps(doc).encode()
+
+
+def rewrite_errors(body: bytes, map_name: MapName) -> bytes | None:
+    """Map repository names in the ``detail`` of a registry JSON error.
+
+    Returns None when the body is not such an error (leave it untouched)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("errors"), list):
+        return None
+    for error in doc["errors"]:
+        if isinstance(error, dict) and "detail" in error:
+            error["detail"] = _map_detail(error["detail"], map_name)
+    return json.dumps(doc).encode()
+
+
+def _map_detail(detail, map_name: MapName):
+    # distribution puts names under "name" (NAME_UNKNOWN) and "Name" (access lists).
+    if isinstance(detail, list):
+        return [_map_detail(d, map_name) for d in detail]
+    if isinstance(detail, dict):
+        out = {}
+        for key, value in detail.items():
+            if key.lower() == "name" and isinstance(value, str):
+                out[key] = map_name(value) or value
+            else:
+                out[key] = _map_detail(value, map_name)
+        return out
+    return detail
+
+
+ERROR_MESSAGES = {
+    "NAME_UNKNOWN": "repository name not known to registry",
+    "NAME_INVALID": "invalid repository name",
+    "DENIED": "requested access to the resource is denied",
+    "UNAVAILABLE": "the upstream registry or token service cannot be reached",
+    "UNSUPPORTED": "the operation is unsupported",
+}
+
+
+def registry_error(code: str, detail=None, message: str | None = None) -> bytes:
+    """A body in the shape every registry client parses (distribution spec, errors)."""
+    error = {"code": code, "message": message or ERROR_MESSAGES.get(code, code.lower())}
+    if detail is not None:
+        error["detail"] = detail
+    return json.dumps({"errors": [error]}).encode()

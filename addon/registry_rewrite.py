@@ -1,0 +1,460 @@
+"""Serve a Docker/OCI registry under different repository names.
+
+    mitmdump --mode reverse:https://UPSTREAM -s addon/registry_rewrite.py \\
+        --set registry_rules=rules.yaml
+
+The registry protocol itself (names, scopes, challenges, Location, Link, bodies)
+lives in the ``registry`` package beside this file; this class only wires it to
+mitmproxy's hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import OrderedDict
+from urllib.parse import urlsplit
+
+from mitmproxy import ctx, exceptions, http
+
+from registry import api, auth, realm
+from registry.api import Origin
+from registry.names import is_valid_name
+from registry.rules import Rules, RulesError, load_rules
+
+logger = logging.getLogger(__name__)
+
+RELOAD_INTERVAL = 1.0  # seconds between looks at the rules file's mtime
+CATALOG_CURSORS = 1024  # opaque _catalog cursors remembered (see _catalog_cursor)
+JSON_BODY_LIMIT = 4 << 20  # error and listing bodies we buffer to rewrite
+
+
+class RegistryRewrite:
+    def __init__(self) -> None:
+        self.rules = Rules()
+        self.rules_file: str | None = None
+        self.rules_stamp: tuple[float, int] | None = None
+        self.public: Origin | None = None
+        self.tls = realm.tls_context(False, None, None)
+        # The upstream's token endpoint and service, learned from its challenges.
+        self.realm: str | None = None
+        self.service: str | None = None
+        self.warned_realm: str | None = None
+        self.cursors: OrderedDict[str, str] = OrderedDict()
+        self.watcher: asyncio.Task | None = None
+
+    def load(self, loader):
+        loader.add_option(
+            "registry_rules",
+            str,
+            "rules.yaml",
+            "Rules file mapping client repository names to upstream names (YAML). "
+            "Edits take effect without a restart.",
+        )
+        loader.add_option(
+            "registry_public_url",
+            str | None,
+            None,
+            "scheme://host[:port] clients use to reach this proxy, advertised as the token "
+            "realm and in Location headers. Default: derived from each client connection.",
+        )
+        loader.add_option(
+            "registry_token_timeout",
+            float,
+            30.0,
+            "Seconds to wait for the upstream token service before answering 504.",
+        )
+
+    def configure(self, updated):
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            # Token requests and refusals are answered without the upstream, so connect
+            # only when a request must go there (and keep working while it is down).
+            ctx.options.connection_strategy = "lazy"
+        if "registry_rules" in updated:
+            path = ctx.options.registry_rules
+            try:
+                self.rules = load_rules(path)
+            except RulesError as e:
+                raise exceptions.OptionsError(str(e)) from e
+            self.rules_file = path
+            self.rules_stamp = _stamp(path)
+            logger.info(
+                f"registry: {len(self.rules.names.rules)} rules from {path}, "
+                f"unmatched names: {self.rules.unmatched}"
+            )
+        if "registry_public_url" in updated:
+            url = ctx.options.registry_public_url
+            try:
+                self.public = Origin.parse(url) if url else None
+            except ValueError as e:
+                raise exceptions.OptionsError(f"registry_public_url: {e}") from e
+            if url and urlsplit(url).path not in ("", "/"):
+                raise exceptions.OptionsError(
+                    f"registry_public_url {url!r}: give scheme://host[:port] without a path"
+                )
+        if updated & {
+            "ssl_insecure",
+            "ssl_verify_upstream_trusted_ca",
+            "ssl_verify_upstream_trusted_confdir",
+        }:
+            self.tls = realm.tls_context(
+                ctx.options.ssl_insecure,
+                ctx.options.ssl_verify_upstream_trusted_ca,
+                ctx.options.ssl_verify_upstream_trusted_confdir,
+            )
+
+    def running(self):
+        if self.watcher is None:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch_rules())
+
+    def done(self):
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
+
+    # --- rules reload -------------------------------------------------------------
+
+    async def _watch_rules(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            self.reload_rules()
+
+    def reload_rules(self) -> None:
+        """Take a changed rules file into use; an invalid one leaves the old rules."""
+        if self.rules_file is None:
+            return
+        stamp = _stamp(self.rules_file)
+        if stamp == self.rules_stamp:
+            return
+        self.rules_stamp = stamp
+        try:
+            rules = load_rules(self.rules_file)
+        except RulesError as e:
+            logger.error(f"registry: {e} (the previous rules stay in force)")
+            return
+        self.rules = rules
+        self.cursors.clear()
+        logger.info(f"registry: reloaded {len(rules.names.rules)} rules from {self.rules_file}")
+
+    # --- requests -----------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        rules = self.rules
+        # In reverse mode the request already targets the upstream.
+        flow.metadata["registry_upstream"] = Origin(
+            flow.request.scheme, flow.request.host, flow.request.port
+        )
+        path, query = api.split_target(flow.request.path)
+        if path == rules.token_path:
+            # The token form must be read to map its scopes: no streaming.
+            flow.metadata["registry_token"] = True
+            if flow.request.method not in ("GET", "POST"):
+                _refuse(flow, 405, "UNSUPPORTED", None, "token endpoint takes GET or POST")
+            return
+        if not path.startswith("/v2/") or path == "/v2/":
+            flow.request.stream = True
+            return
+        if api.is_catalog(path):
+            self._catalog_request(flow, rules, query)
+            return
+        repo = api.parse_repository_path(path)
+        if repo is None:
+            if rules.unmatched == "deny":
+                _refuse(flow, 404, "UNSUPPORTED", None, f"unknown registry endpoint {path}")
+            else:
+                flow.request.stream = True
+            return
+        upstream = self._upstream_name(flow, rules, repo.name)
+        if upstream is None:
+            return
+        if repo.kind == "blobs/uploads" and api.query_value(query, "from") is not None:
+            source = api.query_value(query, "from")
+            mapped_source = self._upstream_name(flow, rules, source, what="from")
+            if mapped_source is None:
+                return
+            query = api.replace_query_value(query, "from", mapped_source)
+        new_path = api.RepositoryPath(upstream, repo.endpoint).path()
+        flow.request.path = new_path + ("?" + query if query else "")
+        flow.request.stream = True
+        flow.comment = (
+            f"{repo.name} → {upstream} · {repo.kind} {flow.request.method} {repo.reference}"
+        ).rstrip()
+
+    def _upstream_name(
+        self, flow: http.HTTPFlow, rules: Rules, name: str, what: str = "name"
+    ) -> str | None:
+        """The upstream name for a client name, or None after refusing the flow."""
+        if not is_valid_name(name):
+            _refuse(flow, 400, "NAME_INVALID", {what: name}, f"invalid repository name {name!r}")
+            return None
+        upstream = rules.names.lookup_upstream(name)
+        if upstream is None:
+            if rules.unmatched == "pass":
+                return name
+            _refuse(flow, 404, "NAME_UNKNOWN", {what: name}, f"no rule for {name}")
+            return None
+        if not is_valid_name(upstream):
+            _refuse(
+                flow,
+                400,
+                "NAME_INVALID",
+                {what: name},
+                f"{name} maps to invalid upstream name {upstream!r}",
+            )
+            return None
+        return upstream
+
+    def _catalog_request(self, flow: http.HTTPFlow, rules: Rules, query: str) -> None:
+        last = api.query_value(query, "last")
+        if last:
+            if last in self.cursors:
+                upstream_last = self.cursors[last]
+            else:
+                upstream_last = rules.upstream_name(last)
+            if upstream_last is None:
+                _refuse(flow, 400, "NAME_INVALID", {"last": last}, f"unknown cursor {last!r}")
+                return
+            query = api.replace_query_value(query, "last", upstream_last)
+            flow.request.path = "/v2/_catalog?" + query
+        flow.comment = "catalog"
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        if flow.metadata.get("registry_token"):
+            await self._token(flow)
+
+    async def _token(self, flow: http.HTTPFlow) -> None:
+        """Answer a token request by asking the upstream's realm, scopes mapped."""
+        rules = self.rules
+        upstream_realm = rules.realm or self.realm
+        if upstream_realm is None:
+            # e.g. the proxy restarted and the client kept its realm: ask the upstream.
+            await self._discover_realm(flow.metadata["registry_upstream"])
+            upstream_realm = self.realm
+        if upstream_realm is None:
+            _refuse(flow, 502, "UNAVAILABLE", None, "the upstream advertises no token realm")
+            return
+
+        mapped: list[tuple[str, str]] = []
+        dropped: list[str] = []
+
+        def map_scope(value: str) -> str | None:
+            result = auth.map_scopes(value, rules.upstream_name)
+            mapped.extend(result.mapped)
+            dropped.extend(result.dropped)
+            return result.value or None
+
+        req = flow.request
+        _, query = api.split_target(req.path)
+        query = auth.replace_form_values(query, "scope", map_scope)
+        body = None
+        if req.method == "POST":
+            form = req.get_text(strict=False) or ""
+            body = auth.replace_form_values(form, "scope", map_scope).encode()
+            req.content = body  # what was sent upstream, for whoever inspects the flow
+        url = upstream_realm + (("&" if "?" in upstream_realm else "?") + query if query else "")
+        req.url = url
+        headers = [(k, v) for k, v in req.headers.items() if k.lower() in realm.FORWARDED_HEADERS]
+        flow.comment = _token_comment(mapped, dropped)
+        try:
+            reply = await asyncio.to_thread(
+                realm.fetch,
+                req.method,
+                url,
+                headers,
+                body,
+                self.tls,
+                ctx.options.registry_token_timeout,
+            )
+        except realm.RealmUnreachable as e:
+            logger.warning(f"registry: token service unreachable: {e}")
+            status, code = (504, "UNAVAILABLE") if e.timeout else (502, "UNAVAILABLE")
+            _refuse(flow, status, code, None, f"token service {urlsplit(url).netloc}: {e}")
+            return
+        keep = {"content-type", "cache-control", "pragma", "www-authenticate"}
+        flow.response = http.Response.make(
+            reply.status, reply.body, [(k, v) for k, v in reply.headers if k.lower() in keep]
+        )
+        if reply.status != 200:
+            flow.marked = ":warning:"
+            flow.comment += f" · token service answered {reply.status}"
+
+    async def _discover_realm(self, upstream: Origin) -> None:
+        try:
+            reply = await asyncio.to_thread(
+                realm.fetch, "GET", f"{upstream}/v2/", [], None, self.tls, 10.0
+            )
+        except realm.RealmUnreachable as e:
+            logger.warning(f"registry: cannot ask {upstream} for its token realm: {e}")
+            return
+        for k, v in reply.headers:
+            if k.lower() == "www-authenticate":
+                self._learn_challenge(v)
+
+    def _learn_challenge(self, header: str) -> None:
+        try:
+            challenges = auth.parse_challenges(header)
+        except ValueError:
+            return
+        for c in challenges:
+            if c.scheme.lower() == "bearer" and c.get("realm"):
+                self._learn_realm(c.get("realm"), c.get("service"))
+
+    def _learn_realm(self, upstream_realm: str, service: str | None) -> None:
+        configured = self.rules.realm
+        if configured and upstream_realm != configured and self.warned_realm != upstream_realm:
+            self.warned_realm = upstream_realm
+            logger.warning(
+                f"registry: the upstream advertises token realm {upstream_realm} but the rules "
+                f"configure {configured}; using the configured one"
+            )
+        if self.realm != upstream_realm:
+            logger.info(f"registry: upstream token realm is {upstream_realm}")
+        self.realm = upstream_realm
+        self.service = service or self.service
+
+    # --- responses ----------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("registry_refused") or flow.response is None:
+            return
+        if flow.metadata.get("registry_token"):
+            return
+        rules = self.rules
+        resp = flow.response
+        upstream: Origin | None = flow.metadata.get("registry_upstream")
+        if upstream is None:
+            return
+        public = self.public or _client_origin(flow)
+
+        challenges = resp.headers.get_all("WWW-Authenticate")
+        if challenges:
+            resp.headers.set_all(
+                "WWW-Authenticate",
+                [self._challenge(value, f"{public}{rules.token_path}") for value in challenges],
+            )
+
+        def rewrite(url: str) -> str:
+            return api.rewrite_url(url, upstream, public, rules.client_name, self._catalog_cursor)
+
+        if "Location" in resp.headers:
+            resp.headers["Location"] = rewrite(resp.headers["Location"])
+        if "Link" in resp.headers:
+            resp.headers["Link"] = api.rewrite_link(resp.headers["Link"], rewrite)
+
+        if not self._body_needs_rewrite(flow):
+            resp.stream = True
+
+    def _challenge(self, value: str, token_url: str) -> str:
+        """Send the client to our token endpoint, with scopes in client names."""
+        rules = self.rules
+        try:
+            rewritten = auth.rewrite_challenge(value, token_url, rules.client_name, rules.service)
+        except ValueError:
+            logger.warning(f"registry: unparseable challenge from upstream: {value[:200]!r}")
+            return value
+        if rewritten.realm:
+            self._learn_realm(rewritten.realm, rewritten.service)
+        return rewritten.header
+
+    def _body_needs_rewrite(self, flow: http.HTTPFlow) -> bool:
+        resp = flow.response
+        if flow.request.method == "HEAD" or resp.status_code in (204, 304):
+            return False
+        length = resp.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > JSON_BODY_LIMIT):
+            return False
+        path, _ = api.split_target(flow.request.path)
+        if resp.status_code >= 400:
+            return "json" in resp.headers.get("Content-Type", "")
+        if resp.status_code == 200:
+            if api.is_catalog(path):
+                return True
+            repo = api.parse_repository_path(path)
+            return repo is not None and repo.kind == "tags/list"
+        return False
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or resp.stream or flow.metadata.get("registry_refused"):
+            return
+        if flow.metadata.get("registry_token") or "registry_upstream" not in flow.metadata:
+            return
+        rules = self.rules
+        path, _ = api.split_target(flow.request.path)
+        content = resp.content or b""
+        try:
+            if resp.status_code >= 400:
+                new = api.rewrite_errors(content, rules.client_name)
+                if new is not None:
+                    resp.content = new
+            elif api.is_catalog(path):
+                resp.content = api.rewrite_catalog(content, rules.client_name)
+            else:
+                repo = api.parse_repository_path(path)
+                if repo is not None:
+                    client = rules.client_name(repo.name) or repo.name
+                    resp.content = api.rewrite_tags_list(content, client)
+        except ValueError:
+            logger.warning(f"registry: cannot rewrite {flow.request.path}: body is not JSON")
+
+    def _catalog_cursor(self, upstream_last: str) -> str:
+        """The client-side ``last=`` for an upstream one: its client name, or an opaque
+        cursor when the upstream name has none (so hidden names stay hidden)."""
+        client = self.rules.client_name(upstream_last)
+        if client is not None:
+            return client
+        cursor = "~" + os.urandom(9).hex()
+        self.cursors[cursor] = upstream_last
+        while len(self.cursors) > CATALOG_CURSORS:
+            self.cursors.popitem(last=False)
+        return cursor
+
+
+def _refuse(flow: http.HTTPFlow, status: int, code: str, detail, reason: str) -> None:
+    """Answer the client ourselves with a registry-style JSON error."""
+    body = api.registry_error(code, detail)
+    flow.response = http.Response.make(
+        status,
+        b"" if flow.request.method == "HEAD" else body,
+        {
+            "Content-Type": "application/json",
+            "Docker-Distribution-API-Version": "registry/2.0",
+            **({"Content-Length": str(len(body))} if flow.request.method == "HEAD" else {}),
+        },
+    )
+    flow.metadata["registry_refused"] = True
+    flow.marked = ":no_entry:"
+    flow.comment = f"denied: {reason}" if status < 500 else f"failed: {reason}"
+
+
+def _token_comment(mapped: list[tuple[str, str]], dropped: list[str]) -> str:
+    parts = [f"token: {len(mapped)} scope{'s' if len(mapped) != 1 else ''} mapped"]
+    parts += [f"{a} → {b}" for a, b in mapped]
+    if dropped:
+        parts.append(f"dropped {' '.join(dropped)}")
+    return " · ".join(parts)
+
+
+def _client_origin(flow: http.HTTPFlow) -> Origin:
+    """This proxy's address as the client reached it (reverse mode rewrote Host)."""
+    conn = flow.client_conn
+    host, port = conn.sockname[0], conn.sockname[1]
+    if conn.tls_established:
+        return Origin("https", conn.sni or host, port)
+    return Origin("http", host, port)
+
+
+def _stamp(path: str) -> tuple[float, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime, st.st_size
+
+
+addons = [RegistryRewrite()]
