@@ -276,9 +276,12 @@ class RegistryRewrite:
             _refuse(flow, status, code, None, f"token service {urlsplit(url).netloc}: {e}")
             return
         keep = {"content-type", "cache-control", "pragma", "www-authenticate"}
-        flow.response = http.Response.make(
-            reply.status, reply.body, [(k, v) for k, v in reply.headers if k.lower() in keep]
-        )
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in reply.headers
+            if k.lower() in keep
+        ]
+        flow.response = http.Response.make(reply.status, reply.body, headers)
         if reply.status != 200:
             flow.marked = ":warning:"
             flow.comment += f" · token service answered {reply.status}"
@@ -418,15 +421,14 @@ class RegistryRewrite:
 def _refuse(flow: http.HTTPFlow, status: int, code: str, detail, reason: str) -> None:
     """Answer the client ourselves with a registry-style JSON error."""
     body = api.registry_error(code, detail)
+    head = flow.request.method == "HEAD"
     flow.response = http.Response.make(
         status,
-        b"" if flow.request.method == "HEAD" else body,
-        {
-            "Content-Type": "application/json",
-            "Docker-Distribution-API-Version": "registry/2.0",
-            **({"Content-Length": str(len(body))} if flow.request.method == "HEAD" else {}),
-        },
+        b"" if head else body,
+        {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"},
     )
+    if head:
+        flow.response.headers["Content-Length"] = str(len(body))  # what GET would send
     flow.metadata["registry_refused"] = True
     flow.marked = ":no_entry:"
     flow.comment = f"denied: {reason}" if status < 500 else f"failed: {reason}"

@@ -61,7 +61,10 @@ def parse_rules(text: str, source: str = "rules.yaml") -> Rules:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        raise RulesError(f"{source}: not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(e, "problem", None) or str(e)
+        raise RulesError(f"{where}: not valid YAML: {problem}") from e
     if root is None:
         raise RulesError(f"{source}: the file is empty; it needs at least a 'rules:' list")
 

@@ -1,0 +1,421 @@
+"""The addon's hooks on prepared flows (mitmproxy's taddons/tflow idiom); the upstream
+and its token realm are stood in for by monkeypatching ``realm.fetch``."""
+
+import json
+import logging
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.http import Response
+from mitmproxy.test import taddons, tflow, tutils
+
+import registry_rewrite
+from registry import realm
+from registry.auth import parse_challenges
+
+RULES = """
+token_path: /auth
+unmatched: deny
+rules:
+  - client: "team/{r:path}"
+    upstream: "acme_team/{r:path}"
+  - client: "{name}"
+    upstream: "library/{name}"
+"""
+UPSTREAM_REALM = "https://auth.upstream.test/token"
+
+
+@pytest.fixture
+def rules_file(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    return path
+
+
+@pytest.fixture
+def addon():
+    return registry_rewrite.RegistryRewrite()
+
+
+@pytest.fixture
+def tctx(addon, rules_file):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        yield tctx
+
+
+def flow(path, method="GET", content=b"", headers=(), tls=False, sni=None):
+    """A flow as reverse mode hands it to us: already aimed at the upstream."""
+    req = tutils.treq(
+        method=method.encode(),
+        scheme=b"https",
+        host="upstream.test",
+        port=443,
+        path=path.encode(),
+        headers=[(b"host", b"upstream.test")] + [(k.encode(), v.encode()) for k, v in headers],
+        content=content,
+    )
+    f = tflow.tflow(req=req)
+    f.client_conn.sockname = ("127.0.0.1", 5000)
+    f.client_conn.tls = tls
+    f.client_conn.sni = sni
+    f.client_conn.timestamp_tls_setup = 1 if tls else None
+    return f
+
+
+def respond(f, status=200, content=b"", headers=()):
+    f.response = Response.make(status, content, [(k.encode(), v.encode()) for k, v in headers])
+
+
+def error_of(f):
+    doc = json.loads(f.response.content)
+    return f.response.status_code, doc["errors"][0]["code"], doc["errors"][0].get("detail")
+
+
+# --- request paths ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "client, upstream",
+    [
+        ("/v2/team/app/manifests/latest", "/v2/acme_team/app/manifests/latest"),
+        ("/v2/team/tools/cli/blobs/sha256:ab", "/v2/acme_team/tools/cli/blobs/sha256:ab"),
+        ("/v2/team/app/blobs/uploads/", "/v2/acme_team/app/blobs/uploads/"),
+        (
+            "/v2/team/app/blobs/uploads/u1?_state=x%3D",
+            "/v2/acme_team/app/blobs/uploads/u1?_state=x%3D",
+        ),
+        ("/v2/team/app/tags/list?n=10&last=1.0", "/v2/acme_team/app/tags/list?n=10&last=1.0"),
+        ("/v2/team/app/referrers/sha256:ab", "/v2/acme_team/app/referrers/sha256:ab"),
+        ("/v2/nginx/manifests/1.25", "/v2/library/nginx/manifests/1.25"),
+        ("/v2/", "/v2/"),
+    ],
+)
+def test_request_paths_are_mapped_and_streamed(tctx, addon, client, upstream):
+    f = flow(client, method="PUT" if "uploads/u1" in client else "GET")
+    addon.requestheaders(f)
+    assert f.response is None
+    assert f.request.path == upstream
+    assert f.request.stream
+
+
+def test_cross_repo_mount_from_is_mapped(tctx, addon):
+    f = flow("/v2/team/app/blobs/uploads/?mount=sha256%3Aab&from=team%2Fbase", "POST")
+    addon.requestheaders(f)
+    assert (
+        f.request.path == "/v2/acme_team/app/blobs/uploads/?mount=sha256%3Aab&from=acme_team%2Fbase"
+    )
+
+
+def test_mount_from_outside_the_rules_is_refused(tctx, addon):
+    f = flow("/v2/team/app/blobs/uploads/?mount=sha256%3Aab&from=other%2Fx", "POST")
+    addon.requestheaders(f)
+    assert error_of(f) == (404, "NAME_UNKNOWN", {"from": "other/x"})
+
+
+def test_unmatched_deny_answers_without_upstream(tctx, addon):
+    f = flow("/v2/other/x/manifests/latest")
+    addon.requestheaders(f)
+    assert error_of(f) == (404, "NAME_UNKNOWN", {"name": "other/x"})
+    assert f.request.path == "/v2/other/x/manifests/latest"  # the list shows what was asked
+    assert f.marked and f.comment.startswith("denied: no rule for other/x")
+    assert not f.request.stream  # mitmproxy refuses to stream a request we answer
+
+
+def test_unmatched_pass_forwards_unchanged(tctx, addon, rules_file):
+    rules_file.write_text(RULES.replace("deny", "pass"))
+    tctx.configure(addon, registry_rules=str(rules_file) + "")
+    addon.rules_stamp = None
+    addon.reload_rules()
+    f = flow("/v2/other/x/manifests/latest")
+    addon.requestheaders(f)
+    assert f.response is None and f.request.path == "/v2/other/x/manifests/latest"
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2/Team/app/manifests/x", "/v2/team/../x/manifests/x", "/v2/team/a%2Fb/tags/list"]
+)
+def test_invalid_names_get_name_invalid(tctx, addon, path):
+    f = flow(path)
+    addon.requestheaders(f)
+    assert error_of(f)[:2] == (400, "NAME_INVALID")
+
+
+def test_head_refusal_has_no_body(tctx, addon):
+    f = flow("/v2/other/x/manifests/latest", "HEAD")
+    addon.requestheaders(f)
+    assert f.response.status_code == 404 and f.response.content == b""
+    assert int(f.response.headers["content-length"]) > 0
+
+
+# --- catalog ------------------------------------------------------------------------
+
+
+def test_catalog_maps_last_and_filters_and_pages(tctx, addon):
+    f = flow("/v2/_catalog?n=2&last=team%2Fapp")
+    addon.requestheaders(f)
+    assert f.request.path == "/v2/_catalog?n=2&last=acme_team%2Fapp"
+    respond(
+        f,
+        200,
+        b'{"repositories":["acme_team/base","secret/hidden"]}',
+        [
+            ("Content-Type", "application/json"),
+            ("Link", '</v2/_catalog?last=secret%2Fhidden&n=2>; rel="next"'),
+        ],
+    )
+    addon.responseheaders(f)
+    assert not f.response.stream
+    addon.response(f)
+    assert json.loads(f.response.content) == {"repositories": ["team/base"]}
+    link = f.response.headers["Link"]
+    assert "secret" not in link and "last=~" in link  # an opaque cursor hides the name
+    cursor = link.split("last=")[1].split("&")[0]
+    g = flow(f"/v2/_catalog?last={cursor}&n=2")
+    addon.requestheaders(g)
+    assert g.request.path == "/v2/_catalog?last=secret%2Fhidden&n=2"
+
+
+# --- token endpoint ------------------------------------------------------------------
+
+
+class FakeRealm:
+    """Stands in for the upstream's realm and /v2/ ping."""
+
+    def __init__(self, fail=None):
+        self.calls = []
+        self.fail = fail
+
+    def __call__(self, method, url, headers, body, tls, timeout):
+        self.calls.append((method, url, dict(headers), body))
+        if self.fail:
+            raise self.fail
+        if url.endswith("/v2/"):
+            return realm.Reply(
+                401, (("WWW-Authenticate", f'Bearer realm="{UPSTREAM_REALM}",service="svc"'),), b""
+            )
+        return realm.Reply(200, (("Content-Type", "application/json"),), b'{"token":"t"}')
+
+
+async def run_token(tctx, addon, f):
+    addon.requestheaders(f)
+    assert not f.request.stream
+    await addon.request(f)
+
+
+async def test_token_get_maps_every_scope(tctx, addon, monkeypatch):
+    fake = FakeRealm()
+    monkeypatch.setattr(realm, "fetch", fake)
+    addon.realm = UPSTREAM_REALM
+    f = flow(
+        "/auth?service=svc&scope=repository%3Ateam%2Fapp%3Apull%2Cpush"
+        "&scope=repository:nginx:pull%20repository:team/base:pull&scope=registry:catalog:*&account=alice",
+        headers=[("Authorization", "Basic YWxpY2U6cHc="), ("X-Forwarded-Host", "evil.test")],
+    )
+    await run_token(tctx, addon, f)
+    ((method, url, headers, body),) = fake.calls
+    assert method == "GET" and url.startswith(UPSTREAM_REALM + "?service=svc&scope=")
+    query = url.split("?", 1)[1]
+    from registry.auth import form_values
+
+    assert form_values(query, "scope") == [
+        "repository:acme_team/app:pull,push",
+        "repository:library/nginx:pull repository:acme_team/base:pull",
+        "registry:catalog:*",
+    ]
+    assert form_values(query, "account") == ["alice"]
+    assert headers["Authorization"] == "Basic YWxpY2U6cHc="
+    assert "X-Forwarded-Host" not in headers and "host" not in {k.lower() for k in headers}
+    assert f.response.status_code == 200 and f.response.content == b'{"token":"t"}'
+    assert f.comment.startswith("token: 3 scopes mapped")
+
+
+async def test_token_post_form_scope_mapped_rest_untouched(tctx, addon, monkeypatch):
+    fake = FakeRealm()
+    monkeypatch.setattr(realm, "fetch", fake)
+    addon.realm = UPSTREAM_REALM
+    form = (
+        "grant_type=refresh_token&refresh_token=r%2B1&service=svc&client_id=containerd"
+        "&scope=repository%3Ateam%2Fapp%3Apull%2Cpush+repository%3Aother%2Fx%3Apull"
+    )
+    f = flow(
+        "/auth", "POST", form.encode(), [("Content-Type", "application/x-www-form-urlencoded")]
+    )
+    await run_token(tctx, addon, f)
+    ((method, url, headers, body),) = fake.calls
+    assert (method, url) == ("POST", UPSTREAM_REALM)
+    assert body.decode() == (
+        "grant_type=refresh_token&refresh_token=r%2B1&service=svc&client_id=containerd"
+        "&scope=repository:acme_team/app:pull,push"
+    )
+    assert "dropped repository:other/x:pull" in f.comment
+
+
+async def test_token_realm_discovered_when_not_yet_learned(tctx, addon, monkeypatch):
+    fake = FakeRealm()
+    monkeypatch.setattr(realm, "fetch", fake)
+    f = flow("/auth?scope=repository:team/app:pull")
+    await run_token(tctx, addon, f)
+    assert [c[1] for c in fake.calls] == [
+        "https://upstream.test/v2/",
+        UPSTREAM_REALM + "?scope=repository:acme_team/app:pull",
+    ]
+    assert addon.realm == UPSTREAM_REALM
+
+
+async def test_configured_realm_wins(tctx, addon, monkeypatch, rules_file):
+    rules_file.write_text("upstream:\n  realm: https://pinned.test/auth\n" + RULES)
+    addon.rules_stamp = None
+    addon.reload_rules()
+    fake = FakeRealm()
+    monkeypatch.setattr(realm, "fetch", fake)
+    addon.realm = UPSTREAM_REALM
+    await run_token(tctx, addon, flow("/auth?scope=repository:team/app:pull"))
+    assert fake.calls[0][1].startswith("https://pinned.test/auth?")
+
+
+@pytest.mark.parametrize("timeout, status", [(False, 502), (True, 504)])
+async def test_token_service_unreachable_is_a_registry_error(
+    tctx, addon, monkeypatch, timeout, status
+):
+    monkeypatch.setattr(realm, "fetch", FakeRealm(realm.RealmUnreachable("refused", timeout)))
+    addon.realm = UPSTREAM_REALM
+    f = flow("/auth?scope=repository:team/app:pull")
+    await run_token(tctx, addon, f)
+    assert error_of(f)[:2] == (status, "UNAVAILABLE")
+    assert f.response.headers["Content-Type"] == "application/json"
+
+
+async def test_token_endpoint_rejects_other_methods(tctx, addon):
+    f = flow("/auth", "DELETE")
+    addon.requestheaders(f)
+    assert error_of(f)[:2] == (405, "UNSUPPORTED")
+
+
+# --- responses ------------------------------------------------------------------------
+
+CHALLENGE = (
+    'Bearer realm="https://auth.upstream.test/token",service="svc",'
+    'scope="repository:acme_team/app:pull,push",error="insufficient_scope"'
+)
+
+
+@pytest.mark.parametrize(
+    "tls, sni, public, realm_url",
+    [
+        (False, None, None, "http://127.0.0.1:5000/auth"),
+        (True, "registry.example.com", None, "https://registry.example.com:5000/auth"),
+        (False, None, "https://registry.example.com", "https://registry.example.com/auth"),
+    ],
+)
+def test_challenge_points_at_proxy(tctx, addon, tls, sni, public, realm_url):
+    if public:
+        tctx.configure(addon, registry_public_url=public)
+    f = flow("/v2/team/app/blobs/uploads/", "POST", tls=tls, sni=sni)
+    addon.requestheaders(f)
+    respond(f, 401, b"", [("WWW-Authenticate", CHALLENGE), ("Content-Type", "application/json")])
+    addon.responseheaders(f)
+    (c,) = parse_challenges(f.response.headers["WWW-Authenticate"])
+    assert c.get("realm") == realm_url
+    assert c.get("scope") == "repository:team/app:pull,push"
+    assert c.get("service") == "svc" and c.get("error") == "insufficient_scope"
+    assert addon.realm == "https://auth.upstream.test/token"
+
+
+def test_location_and_link_are_mapped(tctx, addon):
+    f = flow("/v2/team/app/blobs/uploads/", "POST")
+    addon.requestheaders(f)
+    respond(
+        f,
+        202,
+        b"",
+        [("Location", "https://upstream.test/v2/acme_team/app/blobs/uploads/u1?_state=s")],
+    )
+    addon.responseheaders(f)
+    assert (
+        f.response.headers["Location"]
+        == "http://127.0.0.1:5000/v2/team/app/blobs/uploads/u1?_state=s"
+    )
+    assert f.response.stream
+
+    f = flow("/v2/team/app/blobs/sha256:ab")
+    addon.requestheaders(f)
+    respond(f, 307, b"", [("Location", "https://blobs.storage.test/x?sig=1")])
+    addon.responseheaders(f)
+    assert f.response.headers["Location"] == "https://blobs.storage.test/x?sig=1"
+
+
+def test_tags_list_body_and_link(tctx, addon):
+    f = flow("/v2/team/app/tags/list?n=1")
+    addon.requestheaders(f)
+    respond(
+        f,
+        200,
+        b'{"name":"acme_team/app","tags":["1.0"]}',
+        [
+            ("Content-Type", "application/json"),
+            ("Link", '</v2/acme_team/app/tags/list?last=1.0&n=1>; rel="next"'),
+        ],
+    )
+    addon.responseheaders(f)
+    assert not f.response.stream
+    addon.response(f)
+    assert json.loads(f.response.content) == {"name": "team/app", "tags": ["1.0"]}
+    assert f.response.headers["Link"] == '</v2/team/app/tags/list?last=1.0&n=1>; rel="next"'
+
+
+def test_error_body_names_are_mapped(tctx, addon):
+    f = flow("/v2/team/app/manifests/nope")
+    addon.requestheaders(f)
+    body = {
+        "errors": [{"code": "NAME_UNKNOWN", "message": "x", "detail": {"name": "acme_team/app"}}]
+    }
+    respond(
+        f, 404, json.dumps(body).encode(), [("Content-Type", "application/json; charset=utf-8")]
+    )
+    addon.responseheaders(f)
+    addon.response(f)
+    assert json.loads(f.response.content)["errors"][0]["detail"] == {"name": "team/app"}
+
+
+def test_blob_bodies_are_streamed(tctx, addon):
+    f = flow("/v2/team/app/blobs/sha256:ab")
+    addon.requestheaders(f)
+    respond(
+        f,
+        200,
+        b"",
+        [("Content-Type", "application/octet-stream"), ("Content-Length", str(1 << 30))],
+    )
+    addon.responseheaders(f)
+    assert f.request.stream and f.response.stream
+
+
+# --- rules file -----------------------------------------------------------------------
+
+
+def test_bad_rules_file_is_an_options_error(tctx, addon, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - client: '{a}'\n    upstream: 'x'\n")
+    with pytest.raises(
+        exceptions.OptionsError, match=r"bad.yaml:2: rule 1: .*different placeholders"
+    ):
+        tctx.configure(addon, registry_rules=str(bad))
+
+
+def test_bad_public_url_is_an_options_error(tctx, addon):
+    with pytest.raises(exceptions.OptionsError, match="registry_public_url"):
+        tctx.configure(addon, registry_public_url="registry.example.com")
+
+
+def test_reload_takes_effect_and_invalid_edit_keeps_old_rules(tctx, addon, rules_file, caplog):
+    rules_file.write_text(RULES.replace("acme_team", "newco_team"))
+    addon.rules_stamp = None
+    addon.reload_rules()
+    assert addon.rules.upstream_name("team/app") == "newco_team/app"
+    rules_file.write_text(RULES + "  - client: '{x}'\n")
+    addon.rules_stamp = None
+    with caplog.at_level(logging.ERROR):
+        addon.reload_rules()
+    assert "rule 3: missing 'upstream'" in caplog.text and "previous rules stay" in caplog.text
+    assert addon.rules.upstream_name("team/app") == "newco_team/app"
