@@ -10,6 +10,7 @@ Missing tools skip the tests loudly on a developer machine and fail them under C
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import uuid
@@ -121,7 +122,7 @@ def unique() -> str:
 @pytest.fixture
 def make_image(tmp_path) -> Callable[..., OciImage]:
     """`make_image(tag="latest", layers=2, layer_size=4096, ...)` -> OciImage (own layout)."""
-    counter = iter(range(1_000_000))
+    counter = itertools.count()
 
     def make(**kwargs) -> OciImage:
         return build_image(tmp_path / f"oci-image-{next(counter)}", **kwargs)
@@ -132,7 +133,7 @@ def make_image(tmp_path) -> Callable[..., OciImage]:
 @pytest.fixture
 def make_index(tmp_path) -> Callable[..., OciIndex]:
     """`make_index(tag="latest", platforms=(("linux","amd64"),("linux","arm64")))` -> OciIndex."""
-    counter = iter(range(1_000_000))
+    counter = itertools.count()
 
     def make(**kwargs) -> OciIndex:
         return build_index(tmp_path / f"oci-index-{next(counter)}", **kwargs)

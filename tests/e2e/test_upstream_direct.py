@@ -187,6 +187,23 @@ def test_anonymous_pull_of_public_repo_and_refused_push(
         skopeo.inspect(f"docker://{registry.host}/{private}:v1", anonymous=True)
 
 
+def test_skopeo_login_and_delete(registry, skopeo, make_image, unique):
+    repo = f"acme_team/{unique}/login"
+    image = make_image(layers=1)
+    skopeo.login(registry.host, ALICE)
+    # The credentials went to the private auth file, and later commands find them there.
+    assert registry.host in json.loads(skopeo.authfile.read_text())["auths"]
+    skopeo.copy(image.ref, f"docker://{registry.host}/{repo}:v1")
+    assert skopeo.list_tags(f"docker://{registry.host}/{repo}") == ["v1"]
+
+    registry.mark()
+    skopeo.delete(f"docker://{registry.host}/{repo}:v1")
+    deletes = [e for e in registry.access_log(since_mark=True) if e.method == "DELETE"]
+    assert [(e.path, e.status) for e in deletes] == [(f"/v2/{repo}/manifests/{image.digest}", 202)]
+    with pytest.raises(SkopeoError):
+        skopeo.inspect(f"docker://{registry.host}/{repo}:v1")
+
+
 def test_push_outside_acl_is_refused(registry, skopeo, make_image, unique):
     image = make_image(layers=1)
     for creds, repo in ((ALICE, f"other_team/{unique}/app"), (BOB, f"acme_team/{unique}/bob")):
