@@ -23,6 +23,7 @@ containerd 1.6.20, see the module's tests and the project notes):
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import hashlib
 import http.client
@@ -49,6 +50,7 @@ CONTAINERD_TOOLS = ("containerd", "ctr")
 # so daemons get their own short dir under /tmp by default.
 _MAX_SOCKET_PATH = 100
 _TAIL = 4000  # characters of output/log quoted in errors
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def docker_cli() -> str | None:
@@ -218,20 +220,21 @@ class _Daemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         deadline = t0 + self.start_timeout
         while True:
             rc = self.proc.poll()
             if rc is not None:
-                self.proc = None
-                raise DaemonError(f"{self.name} exited {rc} while starting:\n{self.log_text()}")
+                msg = f"{self.name} exited {rc} while starting:\n{self.log_text()}"
+                self.stop()
+                raise DaemonError(msg)
             if self._sock_accepts() and self._ready():
                 break
             if time.monotonic() > deadline:
+                msg = f"{self.name} not ready after {self.start_timeout}s:\n{self.log_text()}"
                 self.stop()
-                raise DaemonError(
-                    f"{self.name} not ready after {self.start_timeout}s:\n{self.log_text()}"
-                )
+                raise DaemonError(msg)
             time.sleep(0.05)
         self.startup_seconds = time.monotonic() - t0
 
@@ -273,6 +276,13 @@ class _Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test process dies without calling
+    stop() (kill -9, pytest-timeout's os._exit), so no daemon outlives the test run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _kill_if_ours(pid: int, marker: str) -> None:
@@ -443,6 +453,25 @@ class Dockerd(_Daemon):
                     refs.append(line[len(prefix) :].strip())
         return refs
 
+    def load_oci_layout(
+        self, layout: str | Path, tag: str, ref: str, *, timeout: float = 120.0
+    ) -> str:
+        """Load the single-platform image tagged `tag` in an OCI layout dir (as built by
+        tests/e2e/images.py) as `ref`; returns the image ID.
+
+        dockerd 20.10 cannot read OCI layouts, so this repackages it as a docker-archive.
+        Note docker push compresses layers anew: the pushed digests are not the layout's.
+        """
+        archive = (
+            self.dir / f"oci-{hashlib.sha256(f'{layout}:{tag}'.encode()).hexdigest()[:12]}.tar"
+        )
+        image_id = oci_layout_to_docker_archive(layout, tag, [ref], archive)
+        try:
+            self.load_image(archive, timeout=timeout)
+        finally:
+            archive.unlink(missing_ok=True)
+        return image_id
+
     def push(self, ref: str, *, timeout: float = 300.0) -> str:
         """`docker push`; returns the pushed manifest digest."""
         out = self.docker("push", ref, timeout=timeout).stdout
@@ -554,22 +583,28 @@ disabled_plugins = [
         plain_http: bool = False,
         skip_verify: bool = False,
     ) -> Path:
-        """Write hosts.toml for registry `host` ("127.0.0.1:5000"): trust `ca` for https, or use
-        plain http. Returns the file's path.
+        """Write hosts.toml for registry `host` ("127.0.0.1:5000"). Returns the file's path.
 
+        `plain_http` talks http to it. `ca` is the CA bundle of the HTTP client ctr uses for
+        this host, and that client also fetches tokens from the realm the host names (another
+        host:port): behind a plain-http proxy, pass `ca` too when the realm is https.
         Without a hosts.toml ctr uses https with the system CA store (so a test CA fails).
         """
         scheme = "http" if plain_http else "https"
+        # Top-level keys configure `server` itself. A [host."..."] section for the same URL
+        # would be a second endpoint, tried first, and ctr retries each request on the next
+        # endpoint after errors (doubling token requests, muddling what tests observe). But
+        # containerd 1.6 rejects a file without a `host` table ("invalid `host` tree"), hence
+        # the empty one at the end.
         lines = [
             f'server = "{scheme}://{host}"',
-            "",
-            f'[host."{scheme}://{host}"]',
-            '  capabilities = ["pull", "resolve", "push"]',
+            'capabilities = ["pull", "resolve", "push"]',
         ]
         if ca is not None:
-            lines.append(f"  ca = {json.dumps(str(Path(ca).resolve()))}")
+            lines.append(f"ca = {json.dumps(str(Path(ca).resolve()))}")
         if skip_verify:
-            lines.append("  skip_verify = true")
+            lines.append("skip_verify = true")
+        lines.append("[host]")
         path = self.hosts_dir / host / "hosts.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
@@ -604,6 +639,32 @@ disabled_plugins = [
     def import_image(self, archive: str | Path, *, timeout: float = 120.0) -> list[str]:
         """`ctr images import` a docker-archive or OCI tarball; returns the images now present."""
         self.ctr("images", "import", str(archive), timeout=timeout)
+        return self.images()
+
+    def import_oci_layout(
+        self, layout: str | Path, repo: str, *, timeout: float = 120.0
+    ) -> list[str]:
+        """Import every tag of an OCI layout dir (tests/e2e/images.py) as `repo:TAG`, all
+        platforms (so an index can be pushed whole). Returns the images now present.
+
+        Unlike docker, ctr pushes these blobs as they are: pushed digests equal the layout's.
+        """
+        archive = self.dir / "import.tar"
+        with tarfile.open(archive, "w") as tar:
+            for child in sorted(Path(layout).iterdir()):
+                tar.add(child, arcname=child.name)
+        try:
+            self.ctr(
+                "images",
+                "import",
+                "--all-platforms",
+                "--base-name",
+                repo,
+                str(archive),
+                timeout=timeout,
+            )
+        finally:
+            archive.unlink(missing_ok=True)
         return self.images()
 
     def pull(
@@ -691,6 +752,38 @@ def write_image_archive(
     members["manifest.json"] = json.dumps(manifest).encode()
     Path(path).write_bytes(_tar(members))
     return image_id
+
+
+def oci_layout_to_docker_archive(
+    layout: str | Path, tag: str, refs: Sequence[str], path: str | Path
+) -> str:
+    """Repackage the single-platform image tagged `tag` in an OCI layout dir as a
+    docker-archive tarball at `path` (tagged `refs`). Returns the image ID (config digest)."""
+    layout = Path(layout)
+
+    def blob(digest: str) -> bytes:
+        return (layout / "blobs" / digest.replace(":", "/", 1)).read_bytes()
+
+    index = json.loads((layout / "index.json").read_text())
+    for desc in index["manifests"]:
+        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            break
+    else:
+        raise KeyError(f"tag {tag!r} not in {layout}/index.json")
+    manifest = json.loads(blob(desc["digest"]))
+    if "layers" not in manifest:
+        raise ValueError(f"{tag!r} is an index, not a single-platform image")
+    config_digest = manifest["config"]["digest"]
+    members = {f"{config_digest[7:]}.json": blob(config_digest)}
+    layer_paths = []
+    for layer in manifest["layers"]:
+        # docker load decompresses gzip layers itself
+        layer_paths.append(f"{layer['digest'][7:]}/layer.tar")
+        members[layer_paths[-1]] = blob(layer["digest"])
+    entry = {"Config": f"{config_digest[7:]}.json", "RepoTags": list(refs), "Layers": layer_paths}
+    members["manifest.json"] = json.dumps([entry]).encode()
+    Path(path).write_bytes(_tar(members))
+    return config_digest
 
 
 def _sha256(data: bytes) -> str:
