@@ -862,8 +862,9 @@ class Mitmdump:
 
     `rules_text` is written to a file passed as `--set registry_rules=FILE` (or pass an
     existing `rules_file`).  `tls=True` serves the test CA's leaf certificate to clients
-    (`--certs *=combined.pem`); without it clients speak plain HTTP to `url`.  Note that
-    mitmproxy's reverse mode accepts a TLS ClientHello on the same port either way.
+    (`--certs *=combined.pem`); without it `url` is http://.  Note that mitmproxy's
+    reverse mode accepts a TLS ClientHello on the same port either way (then with a
+    certificate from its own CA in `confdir`).
     `addon=None` runs without any script (and without the `registry_rules` option).
     """
 
@@ -985,8 +986,10 @@ class Skopeo:
     - Credentials: a private `--authfile` plus HOME/XDG_*/DOCKER_CONFIG inside `dir`, so
       ~/.docker/config.json and friends of the machine are never consulted.
     - Trust: a private accept-anything `--policy`, and an empty registries.conf.
-    - TLS: `tls_verify=True` verifies against the test CA (`--cert-dir`); False allows
-      plain HTTP (skopeo then still tries HTTPS first, without verification).
+    - TLS: `tls_verify=True` verifies against the test CA (`--cert-dir`).  False allows
+      plain HTTP, but skopeo tries HTTPS first (unverified) and only falls back to HTTP
+      when that fails; a plain `Mitmdump` accepts TLS too, so skopeo ends up speaking
+      unverified HTTPS to it.  Real plain-HTTP clients: see containerd/docker in clients.py.
     """
 
     def __init__(self, ca: TestCA | None, *, directory: Path | None = None, timeout: float = 180):
