@@ -5,7 +5,7 @@ containerd driven by `ctr`. Every file of either daemon lives in one short-named
 tests run side by side with each other and with any system daemon, and leave nothing behind.
 
 Facts about these clients that the tests rely on (found on Debian 12, docker.io 20.10.24,
-containerd 1.6.20, see the module's tests and the project notes):
+containerd 1.6.20; test_clients_direct.py pins them down):
 
 * dockerd treats every registry on 127.0.0.0/8 (and any name resolving there, e.g. localhost)
   as an "insecure registry": it tries https first WITHOUT certificate verification, and falls
