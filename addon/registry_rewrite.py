@@ -43,6 +43,7 @@ class RegistryRewrite:
         self.warned_realm: str | None = None
         self.cursors: OrderedDict[str, str] = OrderedDict()
         self.watcher: asyncio.Task | None = None
+        self.started = False
 
     def load(self, loader):
         loader.add_option(
@@ -76,7 +77,12 @@ class RegistryRewrite:
             try:
                 self.rules = load_rules(path)
             except RulesError as e:
-                raise exceptions.OptionsError(str(e)) from e
+                if not self.started:
+                    # mitmdump stops when an error is logged during start-up; raising
+                    # here would bury the message under a traceback.
+                    logger.error(f"registry: {e}")
+                    return
+                raise exceptions.OptionsError(str(e)) from None
             self.rules_file = path
             self.rules_stamp = _stamp(path)
             logger.info(
@@ -105,6 +111,7 @@ class RegistryRewrite:
             )
 
     def running(self):
+        self.started = True
         if self.watcher is None:
             self.watcher = asyncio.get_running_loop().create_task(self._watch_rules())
 
@@ -255,11 +262,14 @@ class RegistryRewrite:
         if req.method == "POST":
             form = req.get_text(strict=False) or ""
             body = auth.replace_form_values(form, "scope", map_scope).encode()
-            req.content = body  # what was sent upstream, for whoever inspects the flow
         url = upstream_realm + (("&" if "?" in upstream_realm else "?") + query if query else "")
         req.url = url
         headers = [(k, v) for k, v in req.headers.items() if k.lower() in realm.FORWARDED_HEADERS]
         flow.comment = _token_comment(mapped, dropped)
+        # The flow now shows what goes upstream, less the secrets (they are in `headers`).
+        _redact_credentials(flow)
+        if body is not None:
+            req.content = auth.redact_form(body.decode()).encode()
         try:
             reply = await asyncio.to_thread(
                 realm.fetch,
@@ -323,6 +333,7 @@ class RegistryRewrite:
     # --- responses ----------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        _redact_credentials(flow)
         if flow.metadata.get("registry_refused") or flow.response is None:
             return
         if flow.metadata.get("registry_token"):
@@ -381,6 +392,9 @@ class RegistryRewrite:
             return repo is not None and repo.kind == "tags/list"
         return False
 
+    def error(self, flow: http.HTTPFlow) -> None:
+        _redact_credentials(flow)
+
     def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         if resp is None or resp.stream or flow.metadata.get("registry_refused"):
@@ -432,6 +446,14 @@ def _refuse(flow: http.HTTPFlow, status: int, code: str, detail, reason: str) ->
     flow.metadata["registry_refused"] = True
     flow.marked = ":no_entry:"
     flow.comment = f"denied: {reason}" if status < 500 else f"failed: {reason}"
+
+
+def _redact_credentials(flow: http.HTTPFlow) -> None:
+    """Once a request has gone upstream, keep its credentials out of logs and flow dumps."""
+    value = flow.request.headers.get("Authorization")
+    if value:
+        scheme = value.split(" ", 1)[0]
+        flow.request.headers["Authorization"] = f"{scheme} <redacted>"
 
 
 def _token_comment(mapped: list[tuple[str, str]], dropped: list[str]) -> str:

@@ -104,6 +104,17 @@ def replace_form_values(raw: str, field: str, replace: Callable[[str], str | Non
     return "&".join(p for p in out if p)
 
 
+SECRET_FIELDS = ("password", "refresh_token", "access_token", "client_secret")
+
+
+def redact_form(raw: str) -> str:
+    """The form with its secret fields (OAuth2 password and token grants) blanked."""
+    out = raw
+    for field in SECRET_FIELDS:
+        out = replace_form_values(out, field, lambda _: "<redacted>")
+    return out
+
+
 def _pairs(raw: str) -> list[tuple[str, str]]:
     return [tuple(p.partition("=")[::2]) for p in raw.split("&") if p]  # type: ignore[misc]
 

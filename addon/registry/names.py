@@ -203,7 +203,8 @@ def common_name(a: Template, b: Template) -> str | None:
     literal_chars = {t for t in ta + tb if isinstance(t, str)}
     # One character no literal uses stands for all the others a placeholder may take.
     other = next(c for c in "abcdefghijklmnopqrstuvwxyz0123456789" if c not in literal_chars)
-    alphabet = sorted(literal_chars | {"/", other})
+    # Letters first, so the example shown in errors is a readable name.
+    alphabet = [other] + sorted(literal_chars | {"/"}, key=lambda c: (not c.isalnum(), c))
     start = (frozenset({(0, False)}), frozenset({(0, False)}))
     seen = {start}
     queue = deque([(start, "")])

@@ -394,13 +394,25 @@ def test_blob_bodies_are_streamed(tctx, addon):
 # --- rules file -----------------------------------------------------------------------
 
 
-def test_bad_rules_file_is_an_options_error(tctx, addon, tmp_path):
+def test_bad_rules_file_at_startup_is_logged_as_error(tctx, addon, tmp_path, caplog):
+    # mitmdump exits when an error is logged during start-up: a clean message, no traceback.
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - client: '{a}'\n    upstream: 'x'\n")
-    with pytest.raises(
-        exceptions.OptionsError, match=r"bad.yaml:2: rule 1: .*different placeholders"
-    ):
+    with caplog.at_level(logging.ERROR):
         tctx.configure(addon, registry_rules=str(bad))
+    assert "bad.yaml:2: rule 1: client '{a}' and upstream 'x' use different placeholders" in (
+        caplog.text
+    )
+
+
+def test_bad_rules_file_while_running_is_an_options_error(tctx, addon, tmp_path):
+    # e.g. `set registry_rules=...` in the console: refused, previous rules kept.
+    addon.started = True
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - client: '{a}'\n    upstream: 'x'\n")
+    with pytest.raises(exceptions.OptionsError, match=r"bad.yaml:2: rule 1: .*placeholders"):
+        tctx.configure(addon, registry_rules=str(bad))
+    assert addon.rules.upstream_name("team/app") == "acme_team/app"
 
 
 def test_bad_public_url_is_an_options_error(tctx, addon):

@@ -61,7 +61,7 @@ def test_pass_keeps_unmapped_names():
             "  - client: 'x/{r:path}'\n    upstream: '{r:path}'\n",
             4,
             "rule 2 (x/{r:path} -> {r:path}) and rule 1 ({n} -> library/{n}) (line 2) can both "
-            "produce the upstream name 'library/a'",
+            "produce the upstream name 'library/",
         ),
         ("rules: [\n", 2, "not valid YAML"),
         ("", 1, "empty"),
