@@ -17,6 +17,7 @@ from collections import OrderedDict
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http.http1 import assemble_response
 
 from registry import api, auth, realm
 from registry.api import Origin
@@ -112,10 +113,12 @@ class RegistryRewrite:
 
     def running(self):
         self.started = True
+        _registry_style_proxy_errors(True)
         if self.watcher is None:
             self.watcher = asyncio.get_running_loop().create_task(self._watch_rules())
 
     def done(self):
+        _registry_style_proxy_errors(False)
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None
@@ -161,8 +164,15 @@ class RegistryRewrite:
             if flow.request.method not in ("GET", "POST"):
                 _refuse(flow, 405, "UNSUPPORTED", None, "token endpoint takes GET or POST")
             return
-        if not path.startswith("/v2/") or path == "/v2/":
+        if path in ("/v2/", "/v2"):
             flow.request.stream = True
+            return
+        if not path.startswith("/v2/"):
+            # Not the registry API: under deny, nothing else of the upstream is exposed.
+            if rules.unmatched == "deny":
+                _refuse(flow, 404, "UNSUPPORTED", None, f"not a registry endpoint: {path}")
+            else:
+                flow.request.stream = True
             return
         if api.is_catalog(path):
             self._catalog_request(flow, rules, query)
@@ -176,6 +186,10 @@ class RegistryRewrite:
             return
         upstream = self._upstream_name(flow, rules, repo.name)
         if upstream is None:
+            return
+        code = repo.reference_error()
+        if code is not None:
+            _refuse(flow, 400, code, {"reference": repo.reference}, f"malformed {repo.kind} path")
             return
         if repo.kind == "blobs/uploads" and api.query_value(query, "from") is not None:
             source = api.query_value(query, "from")
@@ -446,6 +460,52 @@ def _refuse(flow: http.HTTPFlow, status: int, code: str, detail, reason: str) ->
     flow.metadata["registry_refused"] = True
     flow.marked = ":no_entry:"
     flow.comment = f"denied: {reason}" if status < 500 else f"failed: {reason}"
+
+
+_MITMPROXY_ERROR_PAGES: dict = {}
+
+
+def _registry_style_proxy_errors(enable: bool) -> None:
+    """Make mitmproxy's own error answers (upstream refused, reset or timed out) registry
+    JSON errors instead of HTML pages, which registry clients cannot show.
+
+    mitmproxy has no option for this, so its page builders are swapped while the addon
+    is loaded; the details stay in mitmproxy's log, not in the answer (they name the
+    upstream's address).
+    """
+    from mitmproxy.proxy.layers.http import _http1, _http2, _http3
+
+    if not enable:
+        for (module, name), original in _MITMPROXY_ERROR_PAGES.items():
+            setattr(module, name, original)
+        _MITMPROXY_ERROR_PAGES.clear()
+        return
+
+    def body(status_code: int, message: str) -> bytes:
+        if status_code in (502, 503, 504):
+            return api.registry_error("UNAVAILABLE")
+        return api.registry_error("UNKNOWN", message=message or None)
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        resp = http.Response.make(
+            status_code,
+            body(status_code, message),
+            {
+                "Content-Type": "application/json",
+                "Docker-Distribution-API-Version": "registry/2.0",
+                "Connection": "close",
+            },
+        )
+        return assemble_response(resp)
+
+    for module, name, replacement in (
+        (_http1, "make_error_response", make_error_response),
+        (_http2, "format_error", body),
+        (_http3, "format_error", body),
+    ):
+        if hasattr(module, name) and (module, name) not in _MITMPROXY_ERROR_PAGES:
+            _MITMPROXY_ERROR_PAGES[(module, name)] = getattr(module, name)
+            setattr(module, name, replacement)
 
 
 def _redact_credentials(flow: http.HTTPFlow) -> None:

@@ -44,6 +44,23 @@ class RepositoryPath:
     def path(self) -> str:
         return f"/v2/{self.name}{self.endpoint}"
 
+    def reference_error(self) -> str | None:
+        """The registry error code when the tag, digest or upload id is malformed."""
+        kind, ref = self.kind, self.reference
+        if kind == "manifests" and not (TAG.fullmatch(ref) or DIGEST.fullmatch(ref)):
+            return "MANIFEST_INVALID" if ":" in ref else "TAG_INVALID"
+        if kind in ("blobs", "referrers") and not DIGEST.fullmatch(ref):
+            return "DIGEST_INVALID"
+        if kind == "blobs/uploads" and ref and not UPLOAD_ID.fullmatch(ref):
+            return "BLOB_UPLOAD_INVALID"
+        return None
+
+
+# distribution/reference and the OCI distribution spec.
+TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+UPLOAD_ID = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9_.=-]*")
+
 
 def parse_repository_path(path: str) -> RepositoryPath | None:
     """Split a request path (without query) into repository name and endpoint.
@@ -230,7 +247,12 @@ ERROR_MESSAGES = {
     "NAME_INVALID": "invalid repository name",
     "DENIED": "requested access to the resource is denied",
     "UNAVAILABLE": "the upstream registry or token service cannot be reached",
+    "UNKNOWN": "unknown error",
     "UNSUPPORTED": "the operation is unsupported",
+    "TAG_INVALID": "manifest tag did not match URI",
+    "MANIFEST_INVALID": "manifest invalid",
+    "DIGEST_INVALID": "provided digest did not match uploaded content",
+    "BLOB_UPLOAD_INVALID": "blob upload invalid",
 }
 
 
