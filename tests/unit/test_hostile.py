@@ -113,7 +113,27 @@ segment = st.one_of(
         st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="?#/"), max_size=8
     ),
 )
-paths = st.lists(segment, min_size=1, max_size=7).map(lambda s: "/v2/" + "/".join(s))
+endpoints = st.sampled_from(
+    [
+        "/manifests/latest",
+        "/manifests/sha256:ab",
+        "/blobs/sha256:ab",
+        "/blobs/uploads/",
+        "/blobs/uploads/u1",
+        "/tags/list",
+        "/referrers/sha256:ab",
+        "",
+        "/x",
+        "/manifests/..",
+    ]
+)
+paths = st.one_of(
+    # name + a real endpoint: the shape that gets forwarded when the name is right
+    st.builds(
+        lambda n, e: "/v2/" + "/".join(n) + e, st.lists(segment, min_size=1, max_size=4), endpoints
+    ),
+    st.lists(segment, min_size=1, max_size=7).map(lambda s: "/v2/" + "/".join(s)),
+)
 queries = st.lists(
     st.tuples(
         st.sampled_from(["from", "mount", "last", "n", "digest", "scope"]),
