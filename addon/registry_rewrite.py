@@ -14,14 +14,21 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.net.http.http1 import assemble_response
 
 from registry import api, auth, realm
 from registry.api import Origin
-from registry.names import is_valid_name
+from registry.contentview import (
+    RegistryContentview,
+    auth_note,
+    bearer_info,
+    describe_rules,
+    token_shortfall,
+)
+from registry.names import Route, is_valid_name
 from registry.rules import Rules, RulesError, load_rules
 
 logger = logging.getLogger(__name__)
@@ -38,13 +45,15 @@ class RegistryRewrite:
         self.rules_stamp: tuple[float, int] | None = None
         self.public: Origin | None = None
         self.tls = realm.tls_context(False, None, None)
-        # The upstream's token endpoint and service, learned from its challenges.
-        self.realm: str | None = None
-        self.service: str | None = None
-        self.warned_realm: str | None = None
+        # Each upstream's token endpoint and service, learned from its challenges,
+        # by upstream key ("default" is the reverse-mode target).
+        self.learned: dict[str, tuple[str, str | None]] = {}
+        self.warned_realm: dict[str, str] = {}
         self.cursors: OrderedDict[str, str] = OrderedDict()
         self.watcher: asyncio.Task | None = None
         self.started = False
+        # mitmweb, mitmproxy and mitmdump show registry messages through this view.
+        self.contentview = RegistryContentview(lambda: self.rules)
 
     def load(self, loader):
         loader.add_option(
@@ -67,6 +76,7 @@ class RegistryRewrite:
             30.0,
             "Seconds to wait for the upstream token service before answering 504.",
         )
+        contentviews.add(self.contentview)
 
     def configure(self, updated):
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
@@ -122,6 +132,38 @@ class RegistryRewrite:
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None
+        # mitmproxy 12 has no public way to unregister a contentview.
+        views = contentviews.registry
+        if views.get(self.contentview.name) is self.contentview:
+            del views._by_name[self.contentview.name.lower()]
+            views.on_change.send(self.contentview)
+
+    @command.command("registry.rules")
+    def rules_command(self) -> str:
+        """The rules in force, their file, unmatched, token_path and the upstream's token
+        realm and service (as configured or learned)."""
+        text = describe_rules(
+            self.rules,
+            self.rules_file,
+            self.realm,
+            self.service,
+            str(self.public) if self.public else None,
+        )
+        logger.info(f"registry.rules:\n{text}")
+        return text
+
+    @property
+    def realm(self) -> str | None:
+        """The default upstream's token realm, as learned."""
+        return self.learned.get("default", (None, None))[0]
+
+    @realm.setter
+    def realm(self, value: str) -> None:
+        self.learned["default"] = (value, self.service)
+
+    @property
+    def service(self) -> str | None:
+        return self.learned.get("default", (None, None))[1]
 
     # --- rules reload -------------------------------------------------------------
 
@@ -153,10 +195,9 @@ class RegistryRewrite:
         if flow.response or flow.error or not flow.live:
             return
         rules = self.rules
-        # In reverse mode the request already targets the upstream.
-        flow.metadata["registry_upstream"] = Origin(
-            flow.request.scheme, flow.request.host, flow.request.port
-        )
+        # In reverse mode the request already targets the default upstream.
+        default = Origin(flow.request.scheme, flow.request.host, flow.request.port)
+        flow.metadata["registry_upstream"] = flow.metadata["registry_default"] = default
         path, query = api.split_target(flow.request.path)
         if path == rules.token_path:
             # The token form must be read to map its scopes: no streaming.
@@ -165,7 +206,10 @@ class RegistryRewrite:
                 _refuse(flow, 405, "UNSUPPORTED", None, "token endpoint takes GET or POST")
             return
         if path in ("/v2/", "/v2"):
-            flow.request.stream = True
+            if len(rules.upstreams) > 1:
+                self._answer_ping(flow)  # one challenge for all upstreams
+            else:
+                flow.request.stream = True
             return
         if not path.startswith("/v2/"):
             # Not the registry API: under deny, nothing else of the upstream is exposed.
@@ -184,49 +228,105 @@ class RegistryRewrite:
             else:
                 flow.request.stream = True
             return
-        upstream = self._upstream_name(flow, rules, repo.name)
-        if upstream is None:
+        # containerd as a mirror adds ?ns=<registry host>: names are that upstream's own.
+        ns = api.query_value(query, "ns")
+        mirror = rules.mirror(ns) if ns else None
+        route = self._route(flow, rules, repo.name, mirror=mirror)
+        if route is None:
             return
         code = repo.reference_error()
         if code is not None:
             _refuse(flow, 400, code, {"reference": repo.reference}, f"malformed {repo.kind} path")
             return
+        note = ""
         if repo.kind == "blobs/uploads" and api.query_value(query, "from") is not None:
-            source = api.query_value(query, "from")
-            mapped_source = self._upstream_name(flow, rules, source, what="from")
-            if mapped_source is None:
+            source = self._route(flow, rules, api.query_value(query, "from"), "from", mirror)
+            if source is None:
                 return
-            query = api.replace_query_value(query, "from", mapped_source)
-        new_path = api.RepositoryPath(upstream, repo.endpoint).path()
+            if source.registry == route.registry:
+                query = api.replace_query_value(query, "from", source.name)
+            else:
+                # A mount across upstreams cannot work: ask for a plain upload instead.
+                query = api.drop_query_values(query, ("mount", "from"))
+                note = " · mount from another upstream dropped"
+        if route.registry != 0:
+            self._retarget(flow, rules.upstreams[route.registry].url)
+        if mirror is not None:
+            flow.metadata["registry_mirror"] = ns
+        flow.metadata["registry_route"] = route.registry
+        new_path = api.RepositoryPath(route.name, repo.endpoint).path()
         flow.request.path = new_path + ("?" + query if query else "")
         flow.request.stream = True
+        via = "" if route.registry == 0 else f" @{rules.upstreams[route.registry].key}"
         flow.comment = (
-            f"{repo.name} → {upstream} · {repo.kind} {flow.request.method} {repo.reference}"
-        ).rstrip()
+            f"{repo.name} → {route.name}{via} · {repo.kind} {flow.request.method} {repo.reference}"
+        ).rstrip() + note
 
-    def _upstream_name(
-        self, flow: http.HTTPFlow, rules: Rules, name: str, what: str = "name"
-    ) -> str | None:
-        """The upstream name for a client name, or None after refusing the flow."""
+    def _retarget(self, flow: http.HTTPFlow, url: str) -> None:
+        """Send the flow to another upstream (its Host, SNI and TLS follow the URL)."""
+        origin = Origin.parse(url)
+        flow.request.scheme = origin.scheme
+        flow.request.host = origin.host
+        flow.request.port = origin.port
+        flow.metadata["registry_upstream"] = origin
+
+    def _answer_ping(self, flow: http.HTTPFlow) -> None:
+        """``/v2/`` with several upstreams: a client authenticated for any of them may
+        go on; others are told to fetch a token from this proxy."""
+        if flow.request.headers.get("Authorization", "").lower().startswith("bearer "):
+            flow.response = http.Response.make(200, b"{}", _JSON_HEADERS)
+            return
+        service = self.rules.service or self.service
+        params = (("realm", f"{self._public(flow)}{self.rules.token_path}"),)
+        if service:
+            params += (("service", service),)
+        body = api.registry_error("UNAUTHORIZED", message="authentication required")
+        flow.response = http.Response.make(
+            401,
+            body,
+            {**_JSON_HEADERS, "WWW-Authenticate": str(auth.Challenge("Bearer", params))},
+        )
+
+    def _route(
+        self,
+        flow: http.HTTPFlow,
+        rules: Rules,
+        name: str,
+        what: str = "name",
+        mirror: int | None = None,
+    ) -> Route | None:
+        """Where a client name goes, or None after refusing the flow.
+
+        With a mirror hint the name is already the upstream's own: it must be one a
+        rule makes reachable.
+        """
         if not is_valid_name(name):
             _refuse(flow, 400, "NAME_INVALID", {what: name}, f"invalid repository name {name!r}")
             return None
-        upstream = rules.names.lookup_upstream(name)
-        if upstream is None:
+        if mirror is not None:
+            if rules.client_name(name, mirror) is None:
+                _refuse(flow, 404, "NAME_UNKNOWN", {what: name}, f"no rule reaches {name}")
+                return None
+            return Route(mirror, name)
+        found = rules.names.lookup(name)
+        if found is None:
             if rules.unmatched == "pass":
-                return name
+                return Route(0, name)
             _refuse(flow, 404, "NAME_UNKNOWN", {what: name}, f"no rule for {name}")
             return None
-        if not is_valid_name(upstream):
+        if not is_valid_name(found.name):
             _refuse(
                 flow,
                 400,
                 "NAME_INVALID",
                 {what: name},
-                f"{name} maps to invalid upstream name {upstream!r}",
+                f"{name} maps to invalid upstream name {found.name!r}",
             )
             return None
-        return upstream
+        return found
+
+    def _public(self, flow: http.HTTPFlow) -> Origin:
+        return self.public or _client_origin(flow)
 
     def _catalog_request(self, flow: http.HTTPFlow, rules: Rules, query: str) -> None:
         last = api.query_value(query, "last")
@@ -251,11 +351,17 @@ class RegistryRewrite:
     async def _token(self, flow: http.HTTPFlow) -> None:
         """Answer a token request by asking the upstream's realm, scopes mapped."""
         rules = self.rules
-        upstream_realm = rules.realm or self.realm
+        req = flow.request
+        _, query = api.split_target(req.path)
+        form = (req.get_text(strict=False) or "") if req.method == "POST" else ""
+        registry, map_name = self._token_upstream(rules, query, form)
+        upstream = rules.upstreams[registry]
+        upstream_realm = upstream.realm or self.learned.get(upstream.key, (None, None))[0]
         if upstream_realm is None:
             # e.g. the proxy restarted and the client kept its realm: ask the upstream.
-            await self._discover_realm(flow.metadata["registry_upstream"])
-            upstream_realm = self.realm
+            origin = flow.metadata["registry_default"] if registry == 0 else None
+            await self._discover_realm(upstream.key, origin or Origin.parse(upstream.url))
+            upstream_realm = self.learned.get(upstream.key, (None, None))[0]
         if upstream_realm is None:
             _refuse(flow, 502, "UNAVAILABLE", None, "the upstream advertises no token realm")
             return
@@ -264,21 +370,40 @@ class RegistryRewrite:
         dropped: list[str] = []
 
         def map_scope(value: str) -> str | None:
-            result = auth.map_scopes(value, rules.upstream_name)
+            result = auth.map_scopes(value, map_name)
             mapped.extend(result.mapped)
             dropped.extend(result.dropped)
             return result.value or None
 
-        req = flow.request
-        _, query = api.split_target(req.path)
-        query = auth.replace_form_values(query, "scope", map_scope)
+        query = api.drop_query_values(auth.replace_form_values(query, "scope", map_scope), ("ns",))
+        service = upstream.service or self.learned.get(upstream.key, (None, None))[1]
+        if registry != 0 and service:
+            # Each upstream's token service wants its own service name.
+            query = auth.replace_form_values(query, "service", lambda _: service)
         body = None
         if req.method == "POST":
-            form = req.get_text(strict=False) or ""
             body = auth.replace_form_values(form, "scope", map_scope).encode()
+            if registry != 0 and service:
+                body = auth.replace_form_values(
+                    body.decode(), "service", lambda _: service
+                ).encode()
         url = upstream_realm + (("&" if "?" in upstream_realm else "?") + query if query else "")
         req.url = url
         headers = [(k, v) for k, v in req.headers.items() if k.lower() in realm.FORWARDED_HEADERS]
+        if upstream.credentials is not None:
+            # The proxy's own account on this upstream: a GET with Basic auth, whatever
+            # grant the client tried (its credentials are for the proxy, not this upstream).
+            scopes = auth.form_values(body.decode(), "scope") if body else []
+            if body is not None:
+                pairs = [("service", service)] if service else []
+                pairs += [("scope", x) for x in scopes]
+                url = upstream_realm + ("?" + urlencode(pairs, quote_via=quote) if pairs else "")
+                req.method, req.url, req.content, body = "GET", url, b"", None
+            basic = auth.basic_credentials(
+                upstream.credentials.username, upstream.credentials.password()
+            )
+            headers = [(k, v) for k, v in headers if k.lower() not in ("authorization",)]
+            headers.append(("Authorization", basic))
         flow.comment = _token_comment(mapped, dropped)
         # The flow now shows what goes upstream, less the secrets (they are in `headers`).
         _redact_credentials(flow)
@@ -309,8 +434,43 @@ class RegistryRewrite:
         if reply.status != 200:
             flow.marked = ":warning:"
             flow.comment += f" · token service answered {reply.status}"
+        else:
+            shortfall = token_shortfall(reply.body, mapped)
+            if shortfall:
+                flow.comment += f" · not granted: {' '.join(shortfall)}"
 
-    async def _discover_realm(self, upstream: Origin) -> None:
+    def _token_upstream(self, rules: Rules, query: str, form: str):
+        """Which upstream a token request is for, and how its scope names map there.
+
+        A client's scopes for one request name one upstream (a mount across upstreams
+        is turned into an upload); scopes of other upstreams are dropped. The first
+        repository scope decides; with none (``docker login``), the default upstream.
+        """
+        ns = api.query_value(query, "ns")
+        mirror = rules.mirror(ns) if ns else None
+        if mirror is not None:
+            return mirror, lambda n: n if rules.client_name(n, mirror) is not None else None
+        registry = 0
+        for value in auth.form_values(query, "scope") + auth.form_values(form, "scope"):
+            found = next(
+                (
+                    r
+                    for r in (rules.route(s.name) for s in auth.parse_scopes(value))
+                    if r is not None
+                ),
+                None,
+            )
+            if found is not None:
+                registry = found.registry
+                break
+
+        def map_name(name: str) -> str | None:
+            found = rules.route(name)
+            return found.name if found is not None and found.registry == registry else None
+
+        return registry, map_name
+
+    async def _discover_realm(self, key: str, upstream: Origin) -> None:
         try:
             reply = await asyncio.to_thread(
                 realm.fetch, "GET", f"{upstream}/v2/", [], None, self.tls, 10.0
@@ -320,29 +480,33 @@ class RegistryRewrite:
             return
         for k, v in reply.headers:
             if k.lower() == "www-authenticate":
-                self._learn_challenge(v)
+                self._learn_challenge(key, v)
 
-    def _learn_challenge(self, header: str) -> None:
+    def _learn_challenge(self, key: str, header: str) -> None:
         try:
             challenges = auth.parse_challenges(header)
         except ValueError:
             return
         for c in challenges:
             if c.scheme.lower() == "bearer" and c.get("realm"):
-                self._learn_realm(c.get("realm"), c.get("service"))
+                self._learn_realm(key, c.get("realm"), c.get("service"))
 
-    def _learn_realm(self, upstream_realm: str, service: str | None) -> None:
-        configured = self.rules.realm
-        if configured and upstream_realm != configured and self.warned_realm != upstream_realm:
-            self.warned_realm = upstream_realm
+    def _learn_realm(self, key: str, upstream_realm: str, service: str | None) -> None:
+        configured = next((u.realm for u in self.rules.upstreams if u.key == key), None)
+        if (
+            configured
+            and upstream_realm != configured
+            and self.warned_realm.get(key) != upstream_realm
+        ):
+            self.warned_realm[key] = upstream_realm
             logger.warning(
-                f"registry: the upstream advertises token realm {upstream_realm} but the rules "
-                f"configure {configured}; using the configured one"
+                f"registry: upstream {key} advertises token realm {upstream_realm} but the "
+                f"rules configure {configured}; using the configured one"
             )
-        if self.realm != upstream_realm:
-            logger.info(f"registry: upstream token realm is {upstream_realm}")
-        self.realm = upstream_realm
-        self.service = service or self.service
+        learned_realm, learned_service = self.learned.get(key, (None, None))
+        if learned_realm != upstream_realm:
+            logger.info(f"registry: upstream {key} token realm is {upstream_realm}")
+        self.learned[key] = (upstream_realm, service or learned_service)
 
     # --- responses ----------------------------------------------------------------
 
@@ -357,17 +521,31 @@ class RegistryRewrite:
         upstream: Origin | None = flow.metadata.get("registry_upstream")
         if upstream is None:
             return
-        public = self.public or _client_origin(flow)
+        public = self._public(flow)
+        client_name = self._client_names(flow)
+        token_url = f"{public}{rules.token_path}"
+        if "registry_mirror" in flow.metadata:
+            token_url += f"?ns={flow.metadata['registry_mirror']}"
 
         challenges = resp.headers.get_all("WWW-Authenticate")
         if challenges:
+            key = rules.upstreams[flow.metadata.get("registry_route", 0)].key
             resp.headers.set_all(
                 "WWW-Authenticate",
-                [self._challenge(value, f"{public}{rules.token_path}") for value in challenges],
+                [self._challenge(key, value, token_url, client_name) for value in challenges],
             )
+        if resp.status_code in (401, 403):
+            note = auth_note(
+                resp.status_code,
+                resp.headers.get_all("WWW-Authenticate"),
+                flow.request.headers.get("Authorization"),
+            )
+            flow.comment = f"{flow.comment} · {note.comment}" if flow.comment else note.comment
+            if note.failed:
+                flow.marked = ":lock:"
 
         def rewrite(url: str) -> str:
-            return api.rewrite_url(url, upstream, public, rules.client_name, self._catalog_cursor)
+            return api.rewrite_url(url, upstream, public, client_name, self._catalog_cursor)
 
         if "Location" in resp.headers:
             resp.headers["Location"] = rewrite(resp.headers["Location"])
@@ -377,16 +555,25 @@ class RegistryRewrite:
         if not self._body_needs_rewrite(flow):
             resp.stream = True
 
-    def _challenge(self, value: str, token_url: str) -> str:
-        """Send the client to our token endpoint, with scopes in client names."""
+    def _client_names(self, flow: http.HTTPFlow):
+        """How names from this flow's upstream map back to what its client uses."""
         rules = self.rules
+        registry = flow.metadata.get("registry_route", 0)
+        if "registry_mirror" in flow.metadata:
+            # A mirror client speaks the upstream's own names.
+            return lambda n: n if rules.client_name(n, registry) is not None else None
+        return lambda n: rules.client_name(n, registry)
+
+    def _challenge(self, key: str, value: str, token_url: str, client_name) -> str:
+        """Send the client to our token endpoint, with scopes in client names."""
+        service = self.rules.service if key == "default" else None
         try:
-            rewritten = auth.rewrite_challenge(value, token_url, rules.client_name, rules.service)
+            rewritten = auth.rewrite_challenge(value, token_url, client_name, service)
         except ValueError:
             logger.warning(f"registry: unparseable challenge from upstream: {value[:200]!r}")
             return value
         if rewritten.realm:
-            self._learn_realm(rewritten.realm, rewritten.service)
+            self._learn_realm(key, rewritten.realm, rewritten.service)
         return rewritten.header
 
     def _body_needs_rewrite(self, flow: http.HTTPFlow) -> bool:
@@ -415,20 +602,20 @@ class RegistryRewrite:
             return
         if flow.metadata.get("registry_token") or "registry_upstream" not in flow.metadata:
             return
-        rules = self.rules
+        client_name = self._client_names(flow)
         path, _ = api.split_target(flow.request.path)
         content = resp.content or b""
         try:
             if resp.status_code >= 400:
-                new = api.rewrite_errors(content, rules.client_name)
+                new = api.rewrite_errors(content, client_name)
                 if new is not None:
                     resp.content = new
             elif api.is_catalog(path):
-                resp.content = api.rewrite_catalog(content, rules.client_name)
+                resp.content = api.rewrite_catalog(content, client_name)
             else:
                 repo = api.parse_repository_path(path)
                 if repo is not None:
-                    client = rules.client_name(repo.name) or repo.name
+                    client = client_name(repo.name) or repo.name
                     resp.content = api.rewrite_tags_list(content, client)
         except ValueError:
             logger.warning(f"registry: cannot rewrite {flow.request.path}: body is not JSON")
@@ -444,6 +631,12 @@ class RegistryRewrite:
         while len(self.cursors) > CATALOG_CURSORS:
             self.cursors.popitem(last=False)
         return cursor
+
+
+_JSON_HEADERS = {
+    "Content-Type": "application/json",
+    "Docker-Distribution-API-Version": "registry/2.0",
+}
 
 
 def _refuse(flow: http.HTTPFlow, status: int, code: str, detail, reason: str) -> None:
@@ -513,6 +706,10 @@ def _redact_credentials(flow: http.HTTPFlow) -> None:
     value = flow.request.headers.get("Authorization")
     if value:
         scheme = value.split(" ", 1)[0]
+        # The token's claims (not the token) stay, for the contentview.
+        info = bearer_info(value)
+        if info is not None:
+            flow.metadata["registry_bearer"] = info
         flow.request.headers["Authorization"] = f"{scheme} <redacted>"
 
 

@@ -103,6 +103,13 @@ def replace_query_value(query: str, key: str, value: str) -> str:
     return "&".join(out)
 
 
+def drop_query_values(query: str, keys: tuple[str, ...]) -> str:
+    """The query without the given keys, every other pair's bytes kept."""
+    return "&".join(
+        pair for pair in query.split("&") if pair and unquote(pair.partition("=")[0]) not in keys
+    )
+
+
 # --- Location and Link ----------------------------------------------------------------
 
 

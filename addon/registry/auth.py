@@ -8,6 +8,7 @@ No mitmproxy imports here.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,23 @@ def parse_scope(text: str) -> Scope:
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         raise ValueError(f"scope {text!r} holds whitespace or control characters")
     return Scope(text[:first], text[first + 1 : last], text[last + 1 :])
+
+
+def parse_scopes(value: str) -> list[Scope]:
+    """The repository scopes of a space-separated list; others and malformed ones skipped."""
+    out = []
+    for text in value.split(" "):
+        try:
+            scope = parse_scope(text)
+        except ValueError:
+            continue
+        if scope.is_repository:
+            out.append(scope)
+    return out
+
+
+def basic_credentials(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 class MappedScopes(NamedTuple):

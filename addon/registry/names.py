@@ -14,6 +14,7 @@ import functools
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # distribution/reference: components joined by "/", whole name at most 255 chars.
 COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
@@ -128,9 +129,10 @@ class Rule:
     client: Template
     upstream: Template
     label: str  # how error messages name it, e.g. "rule 2 (team/{r:path})"
+    registry: int = 0  # the upstream registry that serves it (0: the reverse-mode target)
 
 
-def parse_rule(client: str, upstream: str, label: str) -> Rule:
+def parse_rule(client: str, upstream: str, label: str, registry: int = 0) -> Rule:
     c = parse_template(client)
     u = parse_template(upstream)
     if c.placeholders != u.placeholders:
@@ -154,7 +156,7 @@ def parse_rule(client: str, upstream: str, label: str) -> Rule:
             f"client {client!r} and upstream {upstream!r}: a placeholder is ':path' on one "
             "side only"
         )
-    return Rule(c, u, label)
+    return Rule(c, u, label, registry)
 
 
 # --- ambiguity: do two templates produce a common name? -------------------------
@@ -224,8 +226,13 @@ def common_name(a: Template, b: Template) -> str | None:
 # --- the rule set -----------------------------------------------------------------
 
 
+class Route(NamedTuple):
+    registry: int  # which upstream registry serves the name (0: the reverse-mode target)
+    name: str  # the repository name there
+
+
 class RuleSet:
-    """Rules in order; the first whose template matches a name maps it.
+    """Rules in order; the first whose client template matches a name maps it.
 
     Each side is indexed by the literal text before a template's first placeholder,
     so a lookup tries only the few rules that can match, however many there are;
@@ -235,32 +242,55 @@ class RuleSet:
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
         forward = _Direction([r.client for r in rules], [r.upstream for r in rules])
-        self._backward = _Direction([r.upstream for r in rules], [r.client for r in rules])
-        # The upstream name a rule makes of a client name (not checked for validity),
-        # or None when no rule matches.
-        self.lookup_upstream = functools.lru_cache(maxsize=4096)(forward.map)
+        self._forward = forward
+        # Names map back only among the rules of the registry that sent them.
+        self._backward: dict[int, _Direction] = {}
+        for registry in sorted({r.registry for r in rules}):
+            own = [r for r in rules if r.registry == registry]
+            self._backward[registry] = _Direction(
+                [r.upstream for r in own], [r.client for r in own]
+            )
+        self.lookup = functools.lru_cache(maxsize=4096)(self._lookup)
         self.to_client = functools.lru_cache(maxsize=4096)(self._to_client)
+
+    def _lookup(self, name: str) -> Route | None:
+        """Where the first matching rule sends a client name (the name not checked for
+        validity), or None when no rule matches."""
+        found = self._forward.map(name)
+        if found is None:
+            return None
+        i, upstream = found
+        return Route(self.rules[i].registry, upstream)
+
+    def route(self, name: str) -> Route | None:
+        """Where a client name goes, or None when no rule maps it to a valid name."""
+        found = self.lookup(name)
+        return found if found is not None and is_valid_name(found.name) else None
 
     def to_upstream(self, name: str) -> str | None:
         """The upstream name for a client name, or None when no rule maps it to a valid one."""
-        upstream = self.lookup_upstream(name)
-        return upstream if upstream is not None and is_valid_name(upstream) else None
+        found = self.route(name)
+        return found.name if found is not None else None
 
-    def _to_client(self, name: str) -> str | None:
-        """The client name for an upstream name, or None when no rule maps it back.
+    def _to_client(self, name: str, registry: int = 0) -> str | None:
+        """The client name for a name on upstream ``registry``, or None when no rule maps it
+        back.
 
         An upstream name whose client name an earlier rule sends elsewhere is
         unreachable through the proxy, so it has no client name either.
         """
-        client = self._backward.map(name)
-        if client is None or not is_valid_name(client):
+        if registry not in self._backward:
             return None
-        return client if self.lookup_upstream(client) == name else None
+        found = self._backward[registry].map(name)
+        if found is None or not is_valid_name(found[1]):
+            return None
+        client = found[1]
+        return client if self.lookup(client) == Route(registry, name) else None
 
 
 class _Direction:
-    """One direction of every rule: source templates compiled and indexed by the
-    literal text before their first placeholder, and the templates they map to."""
+    """One direction of some rules: source templates compiled and indexed by the literal
+    text before their first placeholder, and the templates they map to."""
 
     def __init__(self, sources: list[Template], targets: list[Template]) -> None:
         self.patterns = [re.compile(t.pattern()) for t in sources]
@@ -270,7 +300,8 @@ class _Direction:
             prefix = t.parts[0] if isinstance(t.parts[0], str) else ""
             self.by_prefix.setdefault(len(prefix), {}).setdefault(prefix, []).append(i)
 
-    def map(self, name: str) -> str | None:
+    def map(self, name: str) -> tuple[int, str] | None:
+        """(index of the first matching template, the name it maps to), or None."""
         if not is_valid_name(name):
             return None
         candidates = sorted(
@@ -282,5 +313,5 @@ class _Direction:
         for i in candidates:
             m = self.patterns[i].fullmatch(name)
             if m is not None:
-                return self.targets[i].fill(m.groupdict())
+                return i, self.targets[i].fill(m.groupdict())
         return None

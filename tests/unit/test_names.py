@@ -102,9 +102,9 @@ def test_shadowed_upstream_name_has_no_client_name():
 
 def test_mapping_to_an_invalid_name():
     rules = ruleset(("x/{r:path}", "x-{r:path}"))
-    assert rules.lookup_upstream("x/_a") is None  # invalid client name never matches
+    assert rules.lookup("x/_a") is None  # invalid client name never matches
     rules = ruleset(("{a}/{b}", "{a}/{b}_"))
-    assert rules.lookup_upstream("a/b") == "a/b_"  # not a valid name: "_" must be followed
+    assert rules.lookup("a/b") == (0, "a/b_")  # not a valid name: "_" must be followed
     assert rules.to_upstream("a/b") is None
 
 
@@ -163,7 +163,7 @@ def test_thousand_rules_stay_cheap():
     rules = ruleset(*[(f"ns{i}/{{r:path}}", f"up{i}_ns/{{r:path}}") for i in range(1000)])
     start = time.perf_counter()
     for i in range(1000):
-        assert rules.lookup_upstream.__wrapped__(f"ns{i}/app") == f"up{i}_ns/app"
+        assert rules.lookup.__wrapped__(f"ns{i}/app") == (0, f"up{i}_ns/app")
     per_lookup = (time.perf_counter() - start) / 1000
     print(f"uncached lookup with 1000 rules: {per_lookup * 1e6:.1f} us")
     assert rules.to_client("up999_ns/a/b") == "ns999/a/b"
