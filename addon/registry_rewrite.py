@@ -195,6 +195,7 @@ class RegistryRewrite:
         if flow.response or flow.error or not flow.live:
             return
         rules = self.rules
+        _drop_client_authority(flow.request)
         # In reverse mode the request already targets the default upstream.
         default = Origin(flow.request.scheme, flow.request.host, flow.request.port)
         flow.metadata["registry_upstream"] = flow.metadata["registry_default"] = default
@@ -699,6 +700,22 @@ def _registry_style_proxy_errors(enable: bool) -> None:
         if hasattr(module, name) and (module, name) not in _MITMPROXY_ERROR_PAGES:
             _MITMPROXY_ERROR_PAGES[(module, name)] = getattr(module, name)
             setattr(module, name, replacement)
+
+
+def _drop_client_authority(request: http.Request) -> None:
+    """Forget where the client claims the request was meant to go.
+
+    An absolute-form target (``GET http://other/v2/ HTTP/1.1``) would reach the upstream
+    with the client's authority in it, and distribution builds Location URLs from that
+    and from ``X-Forwarded-Host``/``-Proto`` and ``Forwarded``: the client would be sent
+    to a host of its choosing, under the upstream's names.  (Host itself is already set
+    to the upstream by reverse mode.)
+    """
+    if not (request.is_http2 or request.is_http3):
+        request.authority = ""  # origin form; h2's :authority is the Host, already upstream
+    for name in list(request.headers.keys()):
+        if name.lower() == "forwarded" or name.lower().startswith("x-forwarded-"):
+            request.headers.pop(name, None)
 
 
 def _redact_credentials(flow: http.HTTPFlow) -> None:

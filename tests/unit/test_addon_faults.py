@@ -1,0 +1,78 @@
+"""Addon bugs found by the end-to-end fault, load and no-open-proxy tests, pinned down
+on prepared flows (see tests/e2e/test_faults.py, test_load.py, test_no_open_proxy.py)."""
+
+import pytest
+from mitmproxy.test import taddons, tflow, tutils
+
+import registry_rewrite
+
+RULES = """
+token_path: /auth
+unmatched: deny
+rules:
+  - client: "team/{r:path}"
+    upstream: "acme_team/{r:path}"
+"""
+
+
+@pytest.fixture
+def addon():
+    return registry_rewrite.RegistryRewrite()
+
+
+@pytest.fixture
+def tctx(addon, tmp_path):
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(RULES)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        yield tctx
+
+
+def reverse_flow(path: str, *, authority: str = "", headers=(), http_version="HTTP/1.1"):
+    req = tutils.treq(
+        method=b"POST",
+        scheme=b"https",
+        host="upstream.test",
+        port=443,
+        authority=authority.encode(),
+        path=path.encode(),
+        http_version=http_version.encode(),
+        headers=[(b"host", b"upstream.test")] + [(k.encode(), v.encode()) for k, v in headers],
+        content=b"",
+    )
+    f = tflow.tflow(req=req)
+    f.client_conn.sockname = ("127.0.0.1", 5000)
+    return f
+
+
+FORGED = [
+    ("X-Forwarded-Host", "evil.test:1"),
+    ("x-forwarded-proto", "http"),
+    ("X-Forwarded-Port", "80"),
+    ("X-Forwarded-For", "10.0.0.1"),
+    ("X-Forwarded-Prefix", "/elsewhere"),
+    ("Forwarded", "for=10.0.0.1;host=evil.test;proto=http"),
+]
+
+
+@pytest.mark.parametrize("path", ["/v2/team/app/blobs/uploads/", "/v2/", "/auth?scope=x"])
+def test_absolute_form_target_and_forwarding_headers_never_reach_the_upstream(tctx, addon, path):
+    # distribution builds upload Location URLs from the request's authority and from
+    # these headers: forwarded as sent, they sent the client to a host of its choosing.
+    f = reverse_flow(path, authority="evil.test:1", headers=FORGED + [("Accept", "*/*")])
+    addon.requestheaders(f)
+    assert f.request.authority == ""
+    assert f.request.host == "upstream.test" and f.request.port == 443
+    sent = {k.lower() for k in f.request.headers.keys()}
+    assert not {k for k in sent if k.startswith("x-forwarded-") or k == "forwarded"}, sent
+    assert f.request.headers["Accept"] == "*/*"
+    assert f.request.headers["Host"] == "upstream.test"
+
+
+def test_h2_authority_is_left_to_reverse_mode(tctx, addon):
+    # For HTTP/2, :authority is the Host header, which reverse mode already points at
+    # the upstream; it must stay.
+    f = reverse_flow("/v2/team/app/tags/list", authority="upstream.test", http_version="HTTP/2.0")
+    addon.requestheaders(f)
+    assert f.request.authority == "upstream.test"
