@@ -72,8 +72,8 @@ class RegistryRewrite:
         )
         loader.add_option(
             "registry_token_timeout",
-            float,
-            30.0,
+            int,  # not float: mitmproxy cannot parse float options given with --set
+            30,
             "Seconds to wait for the upstream token service before answering 504.",
         )
         contentviews.add(self.contentview)

@@ -76,3 +76,11 @@ def test_h2_authority_is_left_to_reverse_mode(tctx, addon):
     f = reverse_flow("/v2/team/app/tags/list", authority="upstream.test", http_version="HTTP/2.0")
     addon.requestheaders(f)
     assert f.request.authority == "upstream.test"
+
+
+def test_token_timeout_can_be_set_like_any_option(addon):
+    # As a float option, `--set registry_token_timeout=3` made mitmdump exit at start-up
+    # ("unsupported option type"): mitmproxy parses only str, int, bool and sequences.
+    with taddons.context(addon) as tctx:
+        tctx.options.set("registry_token_timeout=3")
+        assert tctx.options.registry_token_timeout == 3
