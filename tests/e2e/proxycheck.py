@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from tests.e2e.images import OciImage
 
@@ -25,6 +26,17 @@ rules:
 """
 
 UPSTREAM_PREFIXES = ("acme_team/", "library/")
+
+# `proxy(RULES, extra_args=TRANSPORT_PROBE)` logs how each request reached mitmdump.
+TRANSPORT_PROBE = ["-s", str(Path(__file__).with_name("transport_probe.py"))]
+_TRANSPORT_LINE = re.compile(r"e2e-transport (https?) (\S+) (\S+)")
+
+
+def client_transports(mitmdump) -> list[tuple[str, str, str]]:
+    """(scheme, method, path) of every request that reached a mitmdump started with
+    TRANSPORT_PROBE: scheme "https" when the client spoke TLS to it."""
+    return _TRANSPORT_LINE.findall(mitmdump.log_text())
+
 
 _REPO_PATH = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 

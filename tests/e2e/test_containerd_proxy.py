@@ -23,8 +23,10 @@ from tests.e2e.clients import CONTAINERD_TOOLS, CommandError, Containerd, requir
 from tests.e2e.images import fetch_manifest
 from tests.e2e.proxycheck import (
     RULES,
+    TRANSPORT_PROBE,
     assert_only_upstream_names,
     assert_scopes_mapped,
+    client_transports,
     push_image_raw,
     token_requests_for,
 )
@@ -43,7 +45,7 @@ def containerd(registry):
 
 def _proxy_for_ctr(proxy, containerd, ca, http_client, tls: bool):
     """Start the proxy, point ctr's hosts.toml at it, and check the realm it advertises."""
-    p = proxy(RULES, tls=tls)
+    p = proxy(RULES, tls=tls, extra_args=TRANSPORT_PROBE)
     if tls:
         containerd.configure_host(p.host, ca=ca.ca_pem)
     else:
@@ -54,6 +56,17 @@ def _proxy_for_ctr(proxy, containerd, ca, http_client, tls: bool):
     expected = f"{'https' if tls else 'http'}://{p.host}/auth"
     assert (scheme, params.get("realm")) == ("bearer", expected), r.headers
     return p
+
+
+def _assert_ctr_came_over(p, tls: bool, *token_methods: str) -> None:
+    """Every request of ctr reached mitmdump over the transport hosts.toml names, the token
+    requests (at the advertised realm) included."""
+    transports = client_transports(p)
+    scheme = "https" if tls else "http"
+    # [1:]: the first request is the realm check of _proxy_for_ctr.
+    assert transports[0] == (scheme, "GET", "/v2/")
+    assert {s for s, _, _ in transports[1:]} == {scheme}, transports
+    assert {(scheme, m, "/auth") for m in token_methods} <= set(transports), transports
 
 
 def _uploaded(entries) -> set[str]:
@@ -147,6 +160,7 @@ def test_ctr_pull_and_push_with_credentials_through_proxy(
         f"repository:{up_repo}:pull",
     )
     assert fetch_manifest(direct, new_up, "v1").digest == image.digest
+    _assert_ctr_came_over(p, tls, "POST")
 
 
 @TRANSPORTS
@@ -189,3 +203,4 @@ def test_ctr_anonymous_pull_of_public_repo_through_proxy(
     assert_scopes_mapped(reqs)
     assert all(not r.basic_auth and r.subject is None for r in reqs)
     assert not [g for r in reqs for g in r.granted if "push" in g["actions"]]
+    _assert_ctr_came_over(p, tls, "GET")

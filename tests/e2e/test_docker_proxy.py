@@ -19,8 +19,10 @@ from tests.e2e.clients import DOCKER_TOOLS, CommandError, Dockerd, require_tools
 from tests.e2e.images import fetch_manifest
 from tests.e2e.proxycheck import (
     RULES,
+    TRANSPORT_PROBE,
     assert_only_upstream_names,
     assert_scopes_mapped,
+    client_transports,
     push_image_raw,
     token_requests_for,
 )
@@ -52,10 +54,17 @@ def _uploaded(entries) -> set[str]:
     }
 
 
+def _assert_docker_spoke_tls(p) -> None:
+    """Every request reached mitmdump over TLS, the token requests (login GET, POSTs) too."""
+    transports = client_transports(p)
+    assert {scheme for scheme, _, _ in transports} == {"https"}, transports
+    assert {("https", "GET", "/auth"), ("https", "POST", "/auth")} <= set(transports)
+
+
 def test_docker_login_pull_push_through_proxy(
     dockerd, registry, token_server, proxy, make_image, http_client, unique
 ):
-    p = proxy(RULES)
+    p = proxy(RULES, extra_args=TRANSPORT_PROBE)  # a proxy without certificate of its own
     up_repo, repo = f"acme_team/dk-{unique}", f"team/dk-{unique}"
     image = make_image(layers=2, layer_size=30_000)
     direct = http_client(registry.url, ALICE)
@@ -140,12 +149,15 @@ def test_docker_login_pull_push_through_proxy(
         assert f"repository:{new_up}:push,pull" in scopes
         assert {f"repository:{src}:pull" for src in sources} <= scopes  # to mount from
         assert fetch_manifest(direct, new_up, "v1").digest == pushed
+    _assert_docker_spoke_tls(p)
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["mitmproxy-cert", "test-ca-cert"])
 def test_docker_logout_then_anonymous_pull_of_public_repo(
-    dockerd, registry, token_server, proxy, make_image, http_client, unique
+    dockerd, registry, token_server, proxy, make_image, http_client, unique, tls
 ):
-    p = proxy(RULES)
+    # tls=True: mitmdump serves the test CA's certificate (--certs); docker checks neither.
+    p = proxy(RULES, tls=tls, extra_args=TRANSPORT_PROBE)
     up_public, public = f"acme_team/public-dk-{unique}", f"team/public-dk-{unique}"
     up_private, private = f"acme_team/dk-{unique}", f"team/dk-{unique}"
     image = make_image(layers=1, layer_size=20_000)
@@ -180,3 +192,4 @@ def test_docker_logout_then_anonymous_pull_of_public_repo(
     assert {e.status for e in entries if up_private in e.path} == {401}
     reqs = token_requests_for(token_server, up_private)
     assert reqs and all(not r.basic_auth and not r.granted for r in reqs)
+    _assert_docker_spoke_tls(p)
