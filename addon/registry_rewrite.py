@@ -148,6 +148,7 @@ class RegistryRewrite:
             self.realm,
             self.service,
             str(self.public) if self.public else None,
+            self.learned,
         )
         logger.info(f"registry.rules:\n{text}")
         return text
@@ -257,7 +258,7 @@ class RegistryRewrite:
         flow.metadata["registry_route"] = route.registry
         new_path = api.RepositoryPath(route.name, repo.endpoint).path()
         flow.request.path = new_path + ("?" + query if query else "")
-        flow.request.stream = True
+        flow.request.stream = not _keep_manifest(flow, flow.request)
         via = "" if route.registry == 0 else f" @{rules.upstreams[route.registry].key}"
         flow.comment = (
             f"{repo.name} → {route.name}{via} · {repo.kind} {flow.request.method} {repo.reference}"
@@ -554,7 +555,7 @@ class RegistryRewrite:
             resp.headers["Link"] = api.rewrite_link(resp.headers["Link"], rewrite)
 
         if not self._body_needs_rewrite(flow):
-            resp.stream = True
+            resp.stream = not _keep_manifest(flow, resp)
 
     def _client_names(self, flow: http.HTTPFlow):
         """How names from this flow's upstream map back to what its client uses."""
@@ -601,6 +602,8 @@ class RegistryRewrite:
         resp = flow.response
         if resp is None or resp.stream or flow.metadata.get("registry_refused"):
             return
+        if flow.metadata.get("registry_kept_manifest"):
+            return  # kept whole for the contentview only: its bytes must not change
         if flow.metadata.get("registry_token") or "registry_upstream" not in flow.metadata:
             return
         client_name = self._client_names(flow)
@@ -716,6 +719,22 @@ def _drop_client_authority(request: http.Request) -> None:
     for name in list(request.headers.keys()):
         if name.lower() == "forwarded" or name.lower().startswith("x-forwarded-"):
             request.headers.pop(name, None)
+
+
+def _keep_manifest(flow: http.HTTPFlow, message: http.Message) -> bool:
+    """Whether to buffer a manifest body (4 MiB at most, by the spec) instead of streaming
+    it, so mitmweb and mitmdump can show it. Its bytes pass unchanged."""
+    repo = api.parse_repository_path(api.split_target(flow.request.path)[0])
+    length = message.headers.get("Content-Length", "")
+    keep = (
+        repo is not None
+        and repo.kind == "manifests"
+        and length.isdigit()
+        and int(length) <= JSON_BODY_LIMIT
+    )
+    if keep and message is flow.response:
+        flow.metadata["registry_kept_manifest"] = True
+    return keep
 
 
 def _redact_credentials(flow: http.HTTPFlow) -> None:

@@ -526,34 +526,98 @@ def describe_rules(
     realm: str | None,
     service: str | None,
     public_url: str | None = None,
+    learned: dict[str, tuple[str | None, str | None]] | None = None,
 ) -> str:
+    """The text of the ``registry.rules`` command. ``realm`` and ``service`` are what was
+    learned from the default upstream's challenges, ``learned`` the same by upstream key."""
+    learned = dict(learned or {})
+    learned.setdefault("default", (realm, service))
     n = len(rules.names.rules)
     lines = [
         f"rules file: {rules_file or '(none loaded)'} ({n} rule{'s' if n != 1 else ''})",
         f"unmatched: {rules.unmatched}",
         f"token_path: {rules.token_path}",
+        f"public url: {public_url or '(derived from each client connection)'}",
     ]
-    if rules.realm:
-        lines.append(f"upstream realm: {rules.realm} (from the rules file)")
-        if realm and realm != rules.realm:
-            lines.append(f"  the upstream advertises {realm}, which is ignored")
-    elif realm:
-        lines.append(f"upstream realm: {realm} (learned from the upstream's challenge)")
-    else:
-        lines.append("upstream realm: not known yet (learned from the first 401 challenge)")
-    if rules.service:
-        lines.append(f"upstream service: {rules.service} (from the rules file)")
-    elif service:
-        lines.append(f"upstream service: {service} (learned from the upstream's challenge)")
-    else:
-        lines.append("upstream service: not known yet")
-    lines.append(f"public url: {public_url or '(derived from each client connection)'}")
+    upstreams = getattr(rules, "upstreams", None) or ()
+    keys = [getattr(u, "key", "default") for u in upstreams] or ["default"]
+    for i, key in enumerate(keys):
+        up = upstreams[i] if upstreams else rules
+        prefix = "upstream" if len(keys) == 1 else f"upstream {key}"
+        if len(keys) > 1:
+            url = getattr(up, "url", None) or "the reverse-mode target"
+            lines.append(f"{prefix}: {url}")
+            mirror_of = getattr(up, "mirror_of", ())
+            if mirror_of:
+                lines.append(f"{prefix} mirror of: {', '.join(mirror_of)}")
+            credentials = getattr(up, "credentials", None)
+            if credentials is not None:
+                lines.append(f"{prefix} credentials: user {credentials.username} (password hidden)")
+        lines += _realm_lines(prefix, up.realm, up.service, *learned.get(key, (None, None)))
     lines.append("rules (the first that matches maps a name, both ways):")
     for i, rule in enumerate(rules.names.rules, start=1):
-        lines.append(f"  {i}. {rule.client.text} → {rule.upstream.text}")
+        registry = getattr(rule, "registry", 0)
+        via = f" @{keys[registry]}" if registry and registry < len(keys) else ""
+        lines.append(f"  {i}. {rule.client.text} → {rule.upstream.text}{via}")
     if not n:
         lines.append("  (none)")
     return "\n".join(lines)
+
+
+def _realm_lines(
+    prefix: str,
+    configured_realm: str | None,
+    configured_service: str | None,
+    realm: str | None,
+    service: str | None,
+) -> list[str]:
+    lines = []
+    if configured_realm:
+        lines.append(f"{prefix} realm: {configured_realm} (from the rules file)")
+        if realm and realm != configured_realm:
+            lines.append(f"  the upstream advertises {realm}, which is ignored")
+    elif realm:
+        lines.append(f"{prefix} realm: {realm} (learned from the upstream's challenge)")
+    else:
+        lines.append(f"{prefix} realm: not known yet (learned from the first 401 challenge)")
+    if configured_service:
+        lines.append(f"{prefix} service: {configured_service} (from the rules file)")
+    elif service:
+        lines.append(f"{prefix} service: {service} (learned from the upstream's challenge)")
+    else:
+        lines.append(f"{prefix} service: not known yet")
+    return lines
+
+
+def client_namer(rules: Rules) -> ClientName:
+    """Client names for upstream names of any upstream (the first that maps one)."""
+    count = len(getattr(rules, "upstreams", ()) or ()) or 1
+    if count == 1:
+        return rules.client_name
+
+    def client_name(name: str) -> str | None:
+        for registry in range(count):
+            found = rules.client_name(name, registry)
+            if found is not None:
+                return found
+        return None
+
+    return client_name
+
+
+def upstream_namer(rules: Rules) -> ClientName:
+    """Upstream names for client names; ``name @key`` when another upstream serves it."""
+    upstreams = getattr(rules, "upstreams", None)
+    if not upstreams or len(upstreams) == 1 or not hasattr(rules, "route"):
+        return rules.upstream_name
+
+    def upstream_name(name: str) -> str | None:
+        found = rules.route(name)
+        if found is None:
+            return None
+        return found.name + (f" @{upstreams[found.registry].key}" if found.registry else "")
+
+    return upstream_name
 
 
 # --- the contentview ------------------------------------------------------------------
@@ -651,7 +715,7 @@ def render(
     if kind is None:
         return None
     doc = parse_json(data)
-    client_name = rules.client_name if rules else None
+    client_name = client_namer(rules) if rules else None
     lines: list[str] = []
     if kind == "token":
         lines = describe_token_response(doc, now, client_name)
@@ -667,7 +731,7 @@ def render(
             upstream = rules.upstream_name(name) or upstream
         lines = describe_tags(doc, upstream)
     elif kind == "catalog":
-        lines = describe_catalog(doc, rules.upstream_name if rules else None)
+        lines = describe_catalog(doc, upstream_namer(rules) if rules else None)
     elif kind == "errors":
         lines = describe_errors(doc, msg.status)
         lines += describe_challenges(msg.challenges)
