@@ -242,15 +242,16 @@ class RegistryRewrite:
             return
         note = ""
         if repo.kind == "blobs/uploads" and api.query_value(query, "from") is not None:
-            source = self._route(flow, rules, api.query_value(query, "from"), "from", mirror)
-            if source is None:
-                return
-            if source.registry == route.registry:
+            source = _mount_source(rules, api.query_value(query, "from"), mirror)
+            if source is not None and source.registry == route.registry:
                 query = api.replace_query_value(query, "from", source.name)
             else:
-                # A mount across upstreams cannot work: ask for a plain upload instead.
+                # No mount from a source no rule maps, nor across upstreams: ask for a plain
+                # upload, as a registry that cannot mount answers 202 (refusing the POST
+                # fails containerd's push). The client's `from` never goes upstream.
                 query = api.drop_query_values(query, ("mount", "from"))
-                note = " · mount from another upstream dropped"
+                where = "another upstream" if source is not None else "outside the rules"
+                note = f" · mount from {where} dropped"
         if route.registry != 0:
             self._retarget(flow, rules.upstreams[route.registry].url)
         if mirror is not None:
@@ -735,6 +736,19 @@ def _keep_manifest(flow: http.HTTPFlow, message: http.Message) -> bool:
     if keep and message is flow.response:
         flow.metadata["registry_kept_manifest"] = True
     return keep
+
+
+def _mount_source(rules: Rules, name: str, mirror: int | None) -> Route | None:
+    """Where a mount's ``from`` lies upstream (as ``_route`` finds it), or None when no
+    rule reaches it; never refuses: a mount that cannot be done becomes an upload."""
+    if not is_valid_name(name):
+        return None
+    if mirror is not None:
+        return Route(mirror, name) if rules.client_name(name, mirror) is not None else None
+    found = rules.names.lookup(name)
+    if found is None:
+        return Route(0, name) if rules.unmatched == "pass" else None
+    return found if is_valid_name(found.name) else None
 
 
 def _redact_credentials(flow: http.HTTPFlow) -> None:

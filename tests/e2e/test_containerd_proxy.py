@@ -17,6 +17,8 @@ Both ways a client reaches the proxy are covered:
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.e2e.clients import CONTAINERD_TOOLS, CommandError, Containerd, require_tools
@@ -204,3 +206,44 @@ def test_ctr_anonymous_pull_of_public_repo_through_proxy(
     assert all(not r.basic_auth and r.subject is None for r in reqs)
     assert not [g for r in reqs for g in r.granted if "push" in g["actions"]]
     _assert_ctr_came_over(p, tls, "GET")
+
+
+def test_ctr_push_mounting_from_a_name_the_rules_no_longer_map(
+    containerd, registry, token_server, proxy, ca, http_client, make_image, unique, tmp_path
+):
+    """ctr remembers where it pulled layers from and asks to mount from there on push. When
+    the rules changed since, the proxy cannot map that source: it must ask the upstream for a
+    plain upload (as a registry that cannot mount answers 202), not refuse the POST, which
+    fails ctr's whole push ("unexpected status: 404")."""
+    legacy = RULES + '  - client: "legacy/{r:path}"\n    upstream: "library/legacy/{r:path}"\n'
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(legacy)
+    p = proxy(rules_file=rules_file)
+    containerd.configure_host(p.host, plain_http=True)
+    old, old_up = f"legacy/ctr-{unique}", f"library/legacy/ctr-{unique}"
+    new, new_up = f"team/ctr-{unique}/moved", f"acme_team/ctr-{unique}/moved"
+    image = make_image(layers=2, layer_size=20_000)
+    push_image_raw(http_client(registry.url, ALICE), old_up, image, "v1")
+    user = ":".join(ALICE)
+    containerd.pull(f"{p.host}/{old}:v1", user=user)
+
+    rules_file.write_text(RULES)  # the legacy rule is gone
+    deadline = time.monotonic() + 15
+    while "reloaded 2 rules" not in p.log_text():
+        assert time.monotonic() < deadline, p.log_text()
+        time.sleep(0.2)
+
+    containerd.tag(f"{p.host}/{old}:v1", f"{p.host}/{new}:v1")
+    registry.mark()
+    token_server.clear_requests()
+    containerd.push(f"{p.host}/{new}:v1", user=user)
+    entries = registry.access_log(since_mark=True)
+    assert_only_upstream_names(entries, new_up)
+    assert old_up not in {n for e in entries for n in e.query.get("from", [])}
+    assert _uploaded(entries) == set(image.blob_digests)  # uploaded, since not mounted
+    starts = [e for e in entries if e.method == "POST" and e.path.endswith("/blobs/uploads/")]
+    assert starts and all(e.status == 202 and not e.query for e in starts), starts
+    assert fetch_manifest(http_client(registry.url, ALICE), new_up, "v1").digest == image.digest
+    reqs = token_server.requests()
+    assert_scopes_mapped(reqs)
+    assert not [s for r in reqs for s in r.scopes if "legacy" in s]
