@@ -445,6 +445,13 @@ def rss(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def raw_http(port: int, data: bytes, timeout: float = 15.0) -> bytes:
     """Send raw bytes to 127.0.0.1:port and return everything read until EOF/timeout."""
     out = b""
