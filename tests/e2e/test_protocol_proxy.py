@@ -538,6 +538,60 @@ def test_monolithic_upload_head_range_and_delete(
     assert f"repository:{up}:delete,pull,push" in {s for q in reqs for s in q.scopes}
 
 
+def _scope_set(scopes) -> set[tuple[str, str]]:
+    """{(name, sorted actions)} of `repository:name:actions` scopes."""
+    out = set()
+    for scope in scopes:
+        kind, rest = scope.split(":", 1)
+        name, actions = rest.rsplit(":", 1)
+        assert kind == "repository", scope
+        out.add((name, ",".join(sorted(actions.split(",")))))
+    return out
+
+
+def test_cross_repo_mount_by_hand(registry, token_server, proxy, http_client, make_image, unique):
+    p = proxy(RULES)
+    src, src_up = f"team/{unique}/base", f"acme_team/{unique}/base"
+    dst, dst_up = f"team/{unique}/derived", f"acme_team/{unique}/derived"
+    image = make_image(layers=1)
+    push_image_raw(http_client(registry.url, ALICE), src_up, image, "v1")
+    layer = image.layers[0].digest
+    client = http_client(p.url, ALICE)
+    registry.mark()
+    token_server.clear_requests()
+
+    # The upstream's challenge names both repositories: the client sees both client names.
+    mount = f"/v2/{dst}/blobs/uploads/?mount={layer}&from={urllib.parse.quote(src, safe='')}"
+    r = client.raw("POST", p.url + mount)
+    assert r.status == 401
+    _, params = parse_challenge(r.header("WWW-Authenticate") or "")
+    # (distribution lists the actions in no fixed order)
+    assert _scope_set(params["scope"].split()) == {(dst, "pull,push"), (src, "pull")}
+    r = client.request("POST", mount)  # token for the challenge's scopes, then the mount
+    assert r.status == 201, r.body
+    assert r.header("Location") == f"{p.url}/v2/{dst}/blobs/{layer}"
+    assert r.header("Docker-Content-Digest") == layer
+    (req,) = token_server.requests()
+    assert _scope_set(req.scopes) == {(dst_up, "pull,push"), (src_up, "pull")}
+
+    # A source no rule maps cannot be mounted from: a plain upload session starts instead.
+    scopes = [f"repository:{dst}:pull,push"]
+    r = client.request(
+        "POST", f"/v2/{dst}/blobs/uploads/?mount={layer}&from=other%2Fx", scopes=scopes
+    )
+    assert r.status == 202, r.body
+    assert r.header("Location").startswith(f"{p.url}/v2/{dst}/blobs/uploads/")
+
+    entries = registry.access_log(since_mark=True)
+    assert_only_upstream_names(entries, src_up, dst_up)
+    posts = [(e.path, e.query, e.status) for e in entries if e.method == "POST"]
+    assert {p for p, _, _ in posts} == {f"/v2/{dst_up}/blobs/uploads/"}
+    assert [(q, status) for _, q, status in posts if status != 401] == [
+        ({"mount": [layer], "from": [src_up]}, 201),
+        ({}, 202),  # mount and from dropped
+    ]
+
+
 def test_not_found_errors_name_client_repositories(
     registry, token_server, proxy, http_client, make_image, unique
 ):
