@@ -362,13 +362,15 @@ def test_deny_refuses_upstream_names_and_asks_no_token_for_them(
             assert r.status == 404, (method, path, r.status, r.body[:200])
             if method != "HEAD":
                 assert r.json()["errors"][0]["code"] == "NAME_UNKNOWN", r.body
-        # Mounting from an upstream name into a mapped repository is refused as well.
+        # Mounting from an upstream name into a mapped repository: no mount (the proxy
+        # asks for a plain upload instead, which containerd needs), and `from` is dropped.
         r = client.request(
             "POST",
             f"/v2/team/{unique}/other/blobs/uploads/?mount={digest}&from={name}",
             scopes=[f"repository:team/{unique}/other:pull,push"],
         )
-        assert r.status == 404 and r.json()["errors"][0]["code"] == "NAME_UNKNOWN", r.body
+        assert r.status == 202, (r.status, r.body[:300])
+        assert r.header("Location").startswith(f"{p.url}/v2/team/{unique}/other/blobs/uploads/")
         # Asking the proxy for a token on the upstream name directly: scope dropped.
         raw = raw_http(
             p.port,
@@ -382,9 +384,14 @@ def test_deny_refuses_upstream_names_and_asks_no_token_for_them(
         assert status == 200
         assert json.loads(body)["token"]
 
-    # The upstream saw nothing of it, and the token server no scope for either name.
-    assert registry.requests(since_mark=True) == []
+    # The upstream saw only the plain upload requests, never either name; the token
+    # server no scope for either name, only the mount target's (mapped) scope.
+    uris = [uri for _, uri in registry.requests(since_mark=True)]
+    assert [u for u in uris if hidden in u or mapped in u] == [], uris
+    assert {urllib.parse.urlsplit(u).path for u in uris} == {
+        f"/v2/acme_team/{unique}/other/blobs/uploads/"
+    }, uris
+    assert not [u for u in uris if "from=" in u or "mount=" in u], uris
     scopes = token_server.requested_scopes()
     assert [s for s in scopes if hidden in s or mapped in s] == [], scopes
-    # Refusals come before any challenge, so nothing else was asked for either.
-    assert scopes == [], scopes
+    assert set(scopes) == {f"repository:acme_team/{unique}/other:pull,push"}, scopes
