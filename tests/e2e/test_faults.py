@@ -9,8 +9,10 @@ work again once the upstream is back, without a restart.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import threading
 import time
 
@@ -292,11 +294,23 @@ def test_upstream_reset_mid_response(proxy, case, unique):
 class RestartableTokenServer(TokenServer):
     """A private token server that can go away and come back on the same port."""
 
+    def _handle(self, h, method: str) -> None:
+        # Remember open connections: the proxy keeps its connection to the token
+        # service alive between tokens, and a service that goes down takes it along.
+        with self._lock:
+            self._open = getattr(self, "_open", set()) | {h.connection}
+        super()._handle(h, method)
+
     def down(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            open_connections, self._open = getattr(self, "_open", set()), set()
+        for conn in open_connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=10)
 
