@@ -592,6 +592,36 @@ def test_cross_repo_mount_by_hand(registry, token_server, proxy, http_client, ma
     ]
 
 
+def test_anonymous_pull_of_public_repo(
+    registry, token_server, proxy, http_client, make_image, unique
+):
+    p = proxy(RULES)
+    public, up_public = f"team/public-{unique}", f"acme_team/public-{unique}"
+    private, up_private = f"team/{unique}/private", f"acme_team/{unique}/private"
+    image = make_image(layers=1)
+    direct = http_client(registry.url, ALICE)
+    push_image_raw(direct, up_public, image, "v1")
+    push_image_raw(direct, up_private, image, "v1")
+    client = http_client(p.url)  # no credentials
+    registry.mark()
+    token_server.clear_requests()
+
+    r = client.request("GET", f"/v2/{public}/manifests/v1", headers={"Accept": ACCEPT_MANIFESTS})
+    assert (r.status, digest_of(r.body)) == (200, image.digest)
+    r = client.request("GET", f"/v2/{public}/blobs/{image.layers[0].digest}")
+    assert r.status == 200 and digest_of(r.body) == image.layers[0].digest
+    r = client.request("GET", f"/v2/{private}/manifests/v1", headers={"Accept": ACCEPT_MANIFESTS})
+    assert r.status == 401  # the anonymous token grants nothing there
+    assert r.json()["errors"][0]["detail"][0]["Name"] == private
+
+    assert_only_upstream_names(registry.access_log(since_mark=True), up_public, up_private)
+    reqs = token_server.requests()
+    assert_scopes_mapped(reqs)
+    assert {(q.method, q.basic_auth, q.subject) for q in reqs} == {("GET", False, None)}
+    granted = {g["name"]: g["actions"] for q in reqs for g in q.granted}
+    assert granted == {up_public: ["pull"]}
+
+
 def test_not_found_errors_name_client_repositories(
     registry, token_server, proxy, http_client, make_image, unique
 ):
