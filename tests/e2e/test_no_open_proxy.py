@@ -395,3 +395,33 @@ def test_deny_refuses_upstream_names_and_asks_no_token_for_them(
     scopes = token_server.requested_scopes()
     assert [s for s in scopes if hidden in s or mapped in s] == [], scopes
     assert set(scopes) == {f"repository:acme_team/{unique}/other:pull,push"}, scopes
+
+
+def test_token_service_redirect_is_not_followed_nor_passed_on(proxy, recorder, unique):
+    """A realm answering with a redirect to a third host: the proxy neither follows it
+    nor hands the client its Location."""
+    third = f"http://{recorder.address}/auth?stolen=1"
+    realm = FakeUpstream(lambda method, target, headers: (302, {"Location": third}, b"")).start()
+    try:
+        rules = RULES.replace(
+            "token_path: /auth", f"upstream:\n  realm: {realm.url}/auth\ntoken_path: /auth"
+        )
+        p = proxy(rules)
+        for method, extra in [("GET", ""), ("POST", "grant_type=password&username=a&password=b")]:
+            raw = raw_http(
+                p.port,
+                (
+                    f"{method} /auth?service=test-registry&scope=repository:team/{unique}/a:pull"
+                    f" HTTP/1.1\r\nAuthorization: {BASIC_ALICE}\r\n"
+                    "Content-Type: application/x-www-form-urlencoded\r\n"
+                    f"Content-Length: {len(extra)}\r\nConnection: close\r\n\r\n{extra}"
+                ).encode(),
+            )
+            status, headers, _ = parse_raw_response(raw)
+            print(f"\ntoken service redirecting elsewhere, {method} /auth: client got {status}")
+            assert "location" not in headers, headers
+            assert status != 200
+        assert len(realm.requests) == 2  # the configured realm was asked, once each
+        assert_untouched(recorder)
+    finally:
+        realm.stop()
