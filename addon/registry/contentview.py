@@ -302,8 +302,22 @@ def auth_note(status: int, challenges: Iterable[str], authorization: str | None)
     elif sent:
         words.append(f"{authorization.split(' ', 1)[0]} credentials refused")
     if scope:
-        words.append(f"for {scope}")
+        words.append(f"for {_sorted_actions(scope)}")
     return AuthNote(" ".join(words), status == 403 or sent or bool(error))
+
+
+def _sorted_actions(scopes: str) -> str:
+    """Scopes with their actions in a stable order (distribution's varies)."""
+    out = []
+    for text in scopes.split():
+        try:
+            scope = auth.parse_scope(text)
+        except ValueError:
+            out.append(text)
+            continue
+        actions = ",".join(sorted(scope.actions.split(",")))
+        out.append(str(auth.Scope(scope.type, scope.name, actions)))
+    return " ".join(out)
 
 
 # --- JSON documents -------------------------------------------------------------------
@@ -485,10 +499,24 @@ def describe_errors(doc: Any, status: int | None) -> list[str]:
                 continue
             lines.append(f"  - {_text(e.get('code', '?'))}: {_text(e.get('message', ''))}")
             if "detail" in e:
-                lines.append(f"    detail: {_compact(e['detail'])}")
+                lines.append(f"    detail: {_describe_detail(e['detail'])}")
     elif isinstance(doc, dict):
         lines += [f"{_text(k)}: {_compact(v)}" for k, v in doc.items() if k not in SECRET_KEYS]
     return lines
+
+
+def _describe_detail(detail: Any) -> str:
+    """distribution's access-denied detail (``[{"Type", "Class", "Name", "Action"}]``) as
+    ``repository team/app: pull, push``; anything else as compact JSON."""
+    if not isinstance(detail, list) or not detail:
+        return _compact(detail)
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for item in detail:
+        if not isinstance(item, dict) or not {"Type", "Name", "Action"} <= set(item):
+            return _compact(detail)
+        rtype = _text(item["Type"]) + (f"({_text(item['Class'])})" if item.get("Class") else "")
+        grouped.setdefault((rtype, _text(item["Name"])), []).append(_text(item["Action"]))
+    return "; ".join(f"{t} {n}: {', '.join(a)}" for (t, n), a in grouped.items())
 
 
 def describe_challenges(values: Iterable[str]) -> list[str]:
@@ -497,11 +525,13 @@ def describe_challenges(values: Iterable[str]) -> list[str]:
         try:
             challenges = auth.parse_challenges(value)
         except ValueError:
-            lines.append(f"challenge: {value}")
+            lines.append(f"challenge: {_text(value)}")
             continue
         for c in challenges:
-            params = ", ".join(f"{k}={v}" for k, v in c.params)
-            lines.append(f"challenge: {c.scheme} {params}".rstrip())
+            lines.append(f"challenge: {_text(c.scheme)}")
+            if c.token68 is not None:
+                lines.append(f"  {_text(c.token68)}")
+            lines += [f"  {_text(k)}: {_text(v)}" for k, v in c.params]
     return lines
 
 

@@ -294,14 +294,27 @@ def test_insufficient_scope_shows_errors_challenge_and_the_token(rules):
     )
     text = render(body, msg, rules, NOW)
     assert "- UNAUTHORIZED: authentication required" in text
-    assert '"Name": "team/app", "Action": "push"' in text
-    assert "scope=repository:team/app:pull,push, error=insufficient_scope" in text
+    assert "    detail: repository team/app: push\n" in text
+    assert "  scope: repository:team/app:pull,push\n  error: insufficient_scope\n" in text
     assert "- repository acme_team/app: pull  # client name team/app" in text
+
+
+def test_access_denied_detail_grouped():
+    detail = [
+        {"Type": "repository", "Class": "", "Name": "team/a", "Action": "pull"},
+        {"Type": "repository", "Class": "", "Name": "team/a", "Action": "push"},
+        {"Type": "repository", "Class": "plugin", "Name": "team/b", "Action": "pull"},
+    ]
+    assert cv._describe_detail(detail) == (
+        "repository team/a: pull, push; repository(plugin) team/b: pull"
+    )
+    assert cv._describe_detail([{"x": 1}]) == '[{"x": 1}]'
+    assert cv._describe_detail({"name": "n"}) == '{"name": "n"}'
 
 
 def test_empty_401_still_described(rules):
     text = render(b"", response(status=401, challenges=('Bearer realm="r"',)), rules, NOW)
-    assert "# registry error (401)" in text and "challenge: Bearer realm=r" in text
+    assert "# registry error (401)" in text and "challenge: Bearer\n  realm: r\n" in text
 
 
 @pytest.mark.parametrize(
@@ -332,6 +345,13 @@ def test_empty_401_still_described(rules):
         (403, None, "Bearer x", "auth: 403 Bearer credentials refused", True),
         (403, None, None, "auth: 403", True),
         (401, "Bearer ,,,=", None, "auth: 401 challenge", False),
+        (
+            401,
+            'Bearer scope="repository:team/a:push,pull repository:team/b:pull",error="x"',
+            "Bearer y",
+            "auth: 401 x for repository:team/a:pull,push repository:team/b:pull",
+            True,
+        ),
     ],
 )
 def test_auth_note(status, challenge, authorization, comment, failed):
