@@ -276,6 +276,7 @@ class RegistryRewrite:
     def _answer_ping(self, flow: http.HTTPFlow) -> None:
         """``/v2/`` with several upstreams: a client authenticated for any of them may
         go on; others are told to fetch a token from this proxy."""
+        flow.metadata["registry_answered"] = True  # our own answer: nothing to rewrite
         if flow.request.headers.get("Authorization", "").lower().startswith("bearer "):
             flow.response = http.Response.make(200, b"{}", _JSON_HEADERS)
             return
@@ -359,12 +360,19 @@ class RegistryRewrite:
         form = (req.get_text(strict=False) or "") if req.method == "POST" else ""
         registry, map_name = self._token_upstream(rules, query, form)
         upstream = rules.upstreams[registry]
-        upstream_realm = upstream.realm or self.learned.get(upstream.key, (None, None))[0]
-        if upstream_realm is None:
+        # With several upstreams each token service wants its own service name (the
+        # client only knows the one of the proxy's own challenge).
+        several = len(rules.upstreams) > 1
+        learned_realm, learned_service = self.learned.get(upstream.key, (None, None))
+        upstream_realm = upstream.realm or learned_realm
+        service = upstream.service or learned_service
+        if upstream_realm is None or (several and service is None):
             # e.g. the proxy restarted and the client kept its realm: ask the upstream.
             origin = flow.metadata["registry_default"] if registry == 0 else None
             await self._discover_realm(upstream.key, origin or Origin.parse(upstream.url))
-            upstream_realm = self.learned.get(upstream.key, (None, None))[0]
+            learned_realm, learned_service = self.learned.get(upstream.key, (None, None))
+            upstream_realm = upstream.realm or learned_realm
+            service = upstream.service or learned_service
         if upstream_realm is None:
             _refuse(flow, 502, "UNAVAILABLE", None, "the upstream advertises no token realm")
             return
@@ -379,17 +387,14 @@ class RegistryRewrite:
             return result.value or None
 
         query = api.drop_query_values(auth.replace_form_values(query, "scope", map_scope), ("ns",))
-        service = upstream.service or self.learned.get(upstream.key, (None, None))[1]
-        if registry != 0 and service:
-            # Each upstream's token service wants its own service name.
-            query = auth.replace_form_values(query, "service", lambda _: service)
         body = None
         if req.method == "POST":
             body = auth.replace_form_values(form, "scope", map_scope).encode()
-            if registry != 0 and service:
-                body = auth.replace_form_values(
-                    body.decode(), "service", lambda _: service
-                ).encode()
+        if several and service:
+            if body is not None:
+                body = auth.set_form_value(body.decode(), "service", service).encode()
+            else:
+                query = auth.set_form_value(query, "service", service)
         url = upstream_realm + (("&" if "?" in upstream_realm else "?") + query if query else "")
         req.url = url
         headers = [(k, v) for k, v in req.headers.items() if k.lower() in realm.FORWARDED_HEADERS]
@@ -446,26 +451,24 @@ class RegistryRewrite:
         """Which upstream a token request is for, and how its scope names map there.
 
         A client's scopes for one request name one upstream (a mount across upstreams
-        is turned into an upload); scopes of other upstreams are dropped. The first
-        repository scope decides; with none (``docker login``), the default upstream.
+        is turned into an upload); scopes of other upstreams are dropped. The first scope
+        asking to push decides, else the first scope; with none (``docker login``), the
+        default upstream.
         """
         ns = api.query_value(query, "ns")
         mirror = rules.mirror(ns) if ns else None
         if mirror is not None:
             return mirror, lambda n: n if rules.client_name(n, mirror) is not None else None
-        registry = 0
-        for value in auth.form_values(query, "scope") + auth.form_values(form, "scope"):
-            found = next(
-                (
-                    r
-                    for r in (rules.route(s.name) for s in auth.parse_scopes(value))
-                    if r is not None
-                ),
-                None,
-            )
-            if found is not None:
-                registry = found.registry
-                break
+        scopes = [
+            scope
+            for value in auth.form_values(query, "scope") + auth.form_values(form, "scope")
+            for scope in auth.parse_scopes(value)
+            if rules.route(scope.name) is not None
+        ]
+        # A push names its target with push and a mount source with pull only.
+        writes = [s for s in scopes if {"push", "delete", "*"} & set(s.actions.split(","))]
+        chosen = (writes or scopes or [None])[0]
+        registry = rules.route(chosen.name).registry if chosen is not None else 0
 
         def map_name(name: str) -> str | None:
             found = rules.route(name)
@@ -515,7 +518,7 @@ class RegistryRewrite:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         _redact_credentials(flow)
-        if flow.metadata.get("registry_refused") or flow.response is None:
+        if flow.metadata.get("registry_answered") or flow.response is None:
             return
         if flow.metadata.get("registry_token"):
             return
@@ -601,7 +604,7 @@ class RegistryRewrite:
 
     def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if resp is None or resp.stream or flow.metadata.get("registry_refused"):
+        if resp is None or resp.stream or flow.metadata.get("registry_answered"):
             return
         if flow.metadata.get("registry_kept_manifest"):
             return  # kept whole for the contentview only: its bytes must not change
@@ -655,7 +658,7 @@ def _refuse(flow: http.HTTPFlow, status: int, code: str, detail, reason: str) ->
     )
     if head:
         flow.response.headers["Content-Length"] = str(len(body))  # what GET would send
-    flow.metadata["registry_refused"] = True
+    flow.metadata["registry_refused"] = flow.metadata["registry_answered"] = True
     flow.marked = ":no_entry:"
     flow.comment = f"denied: {reason}" if status < 500 else f"failed: {reason}"
 
@@ -706,22 +709,6 @@ def _registry_style_proxy_errors(enable: bool) -> None:
             setattr(module, name, replacement)
 
 
-def _drop_client_authority(request: http.Request) -> None:
-    """Forget where the client claims the request was meant to go.
-
-    An absolute-form target (``GET http://other/v2/ HTTP/1.1``) would reach the upstream
-    with the client's authority in it, and distribution builds Location URLs from that
-    and from ``X-Forwarded-Host``/``-Proto`` and ``Forwarded``: the client would be sent
-    to a host of its choosing, under the upstream's names.  (Host itself is already set
-    to the upstream by reverse mode.)
-    """
-    if not (request.is_http2 or request.is_http3):
-        request.authority = ""  # origin form; h2's :authority is the Host, already upstream
-    for name in list(request.headers.keys()):
-        if name.lower() == "forwarded" or name.lower().startswith("x-forwarded-"):
-            request.headers.pop(name, None)
-
-
 def _keep_manifest(flow: http.HTTPFlow, message: http.Message) -> bool:
     """Whether to buffer a manifest body (4 MiB at most, by the spec) instead of streaming
     it, so mitmweb and mitmdump can show it. Its bytes pass unchanged."""
@@ -736,6 +723,30 @@ def _keep_manifest(flow: http.HTTPFlow, message: http.Message) -> bool:
     if keep and message is flow.response:
         flow.metadata["registry_kept_manifest"] = True
     return keep
+
+
+def _drop_client_authority(request: http.Request) -> None:
+    """Forget where the client claims the request was meant to go.
+
+    An absolute-form target (``GET http://other/v2/ HTTP/1.1``) would reach the upstream
+    with the client's authority in it, and distribution builds Location URLs from that
+    and from ``X-Forwarded-Host``/``-Proto`` and ``Forwarded``: the client would be sent
+    to a host of its choosing, under the upstream's names.  (Host itself is already set
+    to the upstream by reverse mode.)
+    """
+    if not (request.is_http2 or request.is_http3):
+        request.authority = ""  # origin form; h2's :authority is the Host, already upstream
+    # One pass over the raw fields finds none in nearly every request; the Headers view
+    # (keys(), pop()) would cost ~15 µs per request even then (bench/hookcost.py).
+    for raw, _ in request.headers.fields:
+        lowered = raw.lower()
+        if lowered == b"forwarded" or lowered.startswith(b"x-forwarded-"):
+            break
+    else:
+        return
+    for name in list(request.headers.keys()):
+        if name.lower() == "forwarded" or name.lower().startswith("x-forwarded-"):
+            request.headers.pop(name, None)
 
 
 def _mount_source(rules: Rules, name: str, mirror: int | None) -> Route | None:

@@ -122,6 +122,13 @@ def replace_form_values(raw: str, field: str, replace: Callable[[str], str | Non
     return "&".join(p for p in out if p)
 
 
+def set_form_value(raw: str, field: str, value: str) -> str:
+    """Replace ``field`` (or add it, when the form has none)."""
+    if form_values(raw, field):
+        return replace_form_values(raw, field, lambda _: value)
+    return "&".join(p for p in (raw, f"{field}={quote(value, safe=':/,*()@')}") if p)
+
+
 SECRET_FIELDS = ("password", "refresh_token", "access_token", "client_secret")
 
 

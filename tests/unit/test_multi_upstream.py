@@ -30,6 +30,7 @@ upstreams:
   ghcr:
     url: https://ghcr.test:8443
     realm: https://ghcr.test:8443/token
+    service: ghcr-service
     credentials:
       username: robot
       password_env: GHCR_TEST_TOKEN
@@ -211,7 +212,9 @@ async def test_configured_credentials_replace_the_clients(addon, monkeypatch):
     await addon.request(f)
     ((method, url, headers, body),) = fake.calls
     assert method == "GET" and body is None
-    assert url == "https://ghcr.test:8443/token?scope=repository%3Aorg%2Ftool%3Apull"
+    assert url == (
+        "https://ghcr.test:8443/token?service=ghcr-service&scope=repository%3Aorg%2Ftool%3Apull"
+    )
     assert headers["Authorization"] == "Basic " + base64.b64encode(b"robot:s3cret").decode()
     assert b"rt" not in f.request.content and "s3cret" not in str(f.request.headers)
 
@@ -265,3 +268,21 @@ def test_single_upstream_ping_still_goes_upstream(tmp_path):
         addon.requestheaders(f)
         assert f.response is None and f.request.stream
     assert json.dumps({})  # keep json import honest
+
+
+async def test_push_scope_decides_the_upstream_over_a_mount_source(addon, monkeypatch):
+    # containerd pushing hub/nginx after pulling it from team/...: source scope first.
+    fake = FakeRealm()
+    monkeypatch.setattr(realm, "fetch", fake)
+    addon.learned["hub"] = ("https://auth.hub.test/token", "hub-service")
+    form = (
+        "grant_type=password"
+        "&scope=repository%3Ateam%2Fbase%3Apull+repository%3Ahub%2Fnginx%3Apull%2Cpush"
+    )
+    f = flow("/auth", "POST", form.encode())
+    addon.requestheaders(f)
+    await addon.request(f)
+    ((method, url, _, body),) = fake.calls
+    assert (method, url) == ("POST", "https://auth.hub.test/token")
+    assert form_values(body.decode(), "scope") == ["repository:library/nginx:pull,push"]
+    assert form_values(body.decode(), "service") == ["hub-service"]
