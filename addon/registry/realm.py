@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 MAX_TOKEN_RESPONSE = 1 << 20  # tokens are a few KiB; anything bigger is not a token
+
+# Keep-alive connections to token services, reused so that a token request costs one
+# round trip rather than a TCP and TLS handshake (several milliseconds) each time.
+IDLE_SECONDS = 15.0  # reuse an idle connection this long (servers drop them later)
+MAX_IDLE = 4  # idle connections kept per token service
 
 # Request headers a token request carries on; Host, cookies and forwarding headers don't.
 FORWARDED_HEADERS = ("authorization", "content-type", "user-agent", "accept", "accept-language")
@@ -37,31 +44,95 @@ def fetch(
     tls: ssl.SSLContext,
     timeout: float,
 ) -> Reply:
-    """One HTTP/1.1 exchange, no redirects followed (blocking; run it in a thread)."""
+    """One HTTP/1.1 exchange, no redirects followed (blocking; run it in a thread).
+
+    The connection is kept for the next exchange with the same service when the server
+    allows; a kept one the server has meanwhile closed is replaced once, transparently.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RealmUnreachable(f"{url!r} is not an http(s) URL")
-    if parts.scheme == "https":
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout, context=tls
-        )
-    else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    key = (parts.scheme, parts.hostname, parts.port, tls if parts.scheme == "https" else None)
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    try:
-        conn.request(method, target, body=body, headers=dict(headers))
-        resp = conn.getresponse()
-        data = resp.read(MAX_TOKEN_RESPONSE + 1)
+    where = f"{parts.hostname}:{parts.port or ''}"
+    for attempt in range(2):
+        conn = _take_idle(key) if attempt == 0 else None
+        reused = conn is not None
+        if conn is None:
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    parts.hostname, parts.port, timeout=timeout, context=tls
+                )
+            else:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        else:
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+        try:
+            conn.request(method, target, body=body, headers=dict(headers))
+            resp = conn.getresponse()
+            data = resp.read(MAX_TOKEN_RESPONSE + 1)
+        except TimeoutError as e:
+            conn.close()
+            raise RealmUnreachable(f"{where}: timed out", True) from e
+        except (ConnectionError, http.client.BadStatusLine) as e:
+            conn.close()
+            if reused:
+                continue  # the server closed the kept connection: once more on a new one
+            raise RealmUnreachable(f"{where}: {e}") from e
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise RealmUnreachable(f"{where}: {e}") from e
         if len(data) > MAX_TOKEN_RESPONSE:
+            conn.close()
             raise RealmUnreachable(f"{parts.hostname}: token response larger than 1 MiB")
+        if resp.will_close or not resp.isclosed():
+            conn.close()
+        else:
+            _keep_idle(key, conn)
         return Reply(resp.status, tuple(resp.getheaders()), data)
-    except TimeoutError as e:
-        raise RealmUnreachable(f"{parts.hostname}:{parts.port or ''}: timed out", True) from e
-    except (OSError, http.client.HTTPException) as e:
-        raise RealmUnreachable(f"{parts.hostname}:{parts.port or ''}: {e}") from e
-    finally:
+    raise AssertionError("unreachable")  # the second attempt always returns or raises
+
+
+_idle: dict[tuple, list[tuple[float, http.client.HTTPConnection]]] = {}
+_idle_lock = threading.Lock()
+
+
+def _take_idle(key: tuple) -> http.client.HTTPConnection | None:
+    now = time.monotonic()
+    stale = []
+    found = None
+    with _idle_lock:
+        conns = _idle.get(key, [])
+        while conns:
+            since, conn = conns.pop()
+            if now - since < IDLE_SECONDS:
+                found = conn
+                break
+            stale.append(conn)
+    for conn in stale:
+        conn.close()
+    return found
+
+
+def _keep_idle(key: tuple, conn: http.client.HTTPConnection) -> None:
+    with _idle_lock:
+        conns = _idle.setdefault(key, [])
+        if len(conns) < MAX_IDLE:
+            conns.append((time.monotonic(), conn))
+            return
+    conn.close()
+
+
+def close_idle() -> None:
+    """Close every kept connection (on shutdown, and in tests)."""
+    with _idle_lock:
+        conns = [conn for kept in _idle.values() for _, conn in kept]
+        _idle.clear()
+    for conn in conns:
         conn.close()
 
 
