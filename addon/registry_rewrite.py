@@ -170,8 +170,15 @@ class RegistryRewrite:
     # --- rules reload -------------------------------------------------------------
 
     async def _watch_rules(self) -> None:
+        seen = self.rules_stamp
         while True:
             await asyncio.sleep(RELOAD_INTERVAL)
+            stamp = _stamp(self.rules_file) if self.rules_file else None
+            if stamp != seen:
+                # Still being written, maybe: load it once it has stopped changing, so a
+                # half-saved file that happens to parse never takes effect.
+                seen = stamp
+                continue
             self.reload_rules()
 
     def reload_rules(self) -> None:
@@ -511,7 +518,7 @@ class RegistryRewrite:
                 f"rules configure {configured}; using the configured one"
             )
         learned_realm, learned_service = self.learned.get(key, (None, None))
-        if learned_realm != upstream_realm:
+        if learned_realm != upstream_realm and not configured:
             logger.info(f"registry: upstream {key} token realm is {upstream_realm}")
         self.learned[key] = (upstream_realm, service or learned_service)
 
@@ -521,8 +528,8 @@ class RegistryRewrite:
         _redact_credentials(flow)
         if flow.metadata.get("registry_answered") or flow.response is None:
             return
-        if flow.metadata.get("registry_token"):
-            return
+        if flow.metadata.get("registry_token") or not flow.live:
+            return  # (a flow loaded from a file was rewritten when it was live)
         rules = self.rules
         resp = flow.response
         upstream: Origin | None = flow.metadata.get("registry_upstream")
@@ -607,8 +614,8 @@ class RegistryRewrite:
         resp = flow.response
         if resp is None or resp.stream or flow.metadata.get("registry_answered"):
             return
-        if flow.metadata.get("registry_kept_manifest"):
-            return  # kept whole for the contentview only: its bytes must not change
+        if not flow.live or flow.metadata.get("registry_kept_manifest"):
+            return  # loaded from a file, or a manifest whose bytes must not change
         if flow.metadata.get("registry_token") or "registry_upstream" not in flow.metadata:
             return
         client_name = self._client_names(flow)
