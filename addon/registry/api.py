@@ -9,6 +9,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 MapName = Callable[[str], str | None]
@@ -113,8 +114,9 @@ def drop_query_values(query: str, keys: tuple[str, ...]) -> str:
 # --- Location and Link ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Origin:
+class Origin(NamedTuple):
+    # A tuple, not a dataclass: flows keep it in their metadata, and mitmproxy's flow
+    # files (mitmweb's Save, mitmdump -w) hold only plain values.
     scheme: str
     host: str
     port: int

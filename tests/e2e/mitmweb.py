@@ -138,6 +138,10 @@ class MitmwebAPI:
         """The raw body (what the UI offers as download)."""
         return self._request("GET", f"/flows/{flow_id}/{message}/content.data")
 
+    def content_dump(self) -> bytes:
+        """`GET /flows/dump`: every flow as a mitmproxy flow file (the UI's File > Save)."""
+        return self._request("GET", "/flows/dump")
+
     def state(self) -> dict:
         return self.get_json("/state")
 

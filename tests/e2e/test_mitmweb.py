@@ -241,6 +241,23 @@ def test_nothing_secret_in_the_flow_list_or_any_view(scenario):
                     assert secret not in text, (f["comment"], message)
 
 
+def test_flows_can_be_saved(scenario):
+    """mitmweb's File > Save (GET /flows/dump) writes every flow, comments and marks
+    included (flow files take only plain values, and the addon keeps only those)."""
+    import io
+
+    from mitmproxy import io as flowio
+
+    data = scenario.web.api.content_dump()
+    saved = {f.id: f for f in flowio.FlowReader(io.BytesIO(data)).stream()}
+    assert set(saved) == {f["id"] for f in scenario.flows}
+    for f in scenario.flows:
+        assert saved[f["id"]].comment == f["comment"]
+        assert bool(saved[f["id"]].marked) == bool(f["marked"])
+    for secret in (ALICE[1], BOB[1], BASIC_ALICE, BASIC_BOB, "Bearer eyJ"):
+        assert secret.encode() not in data
+
+
 def test_registry_rules_command_from_the_command_bar(scenario, token_server):
     s = scenario
     text = s.web.api.command("registry.rules")

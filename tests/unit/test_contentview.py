@@ -800,3 +800,35 @@ def test_other_bodies_still_stream(tctx, addon, path, length):
         f.response.headers["Content-Length"] = length
     addon.responseheaders(f)
     assert f.response.stream is True
+
+
+def test_flows_can_be_saved_and_loaded_ones_are_left_alone(tctx, addon):
+    """mitmweb's Save and mitmdump -w write flows whole (metadata included); loaded back,
+    mitmproxy replays the hooks on them, which must change nothing."""
+    import io
+
+    from mitmproxy import io as flowio
+
+    token = make_jwt(claims())
+    f = addon_flow("/v2/team/app/manifests/1", headers=[("Authorization", f"Bearer {token}")])
+    addon.requestheaders(f)
+    challenge_response(
+        f, 401, 'Bearer realm="https://auth.upstream.test/token",error="invalid_token"'
+    )
+    addon.responseheaders(f)
+    addon.response(f)
+    assert addon.realm == "https://auth.upstream.test/token"
+    buf = io.BytesIO()
+    flowio.FlowWriter(buf).add(f)
+    (loaded,) = flowio.FlowReader(io.BytesIO(buf.getvalue())).stream()
+    assert not loaded.live and token not in buf.getvalue().decode("latin-1")
+    assert (loaded.comment, loaded.marked) == (f.comment, ":lock:")
+
+    addon.realm = "https://learned.test/token"
+    before = (loaded.comment, loaded.response.get_state(), loaded.request.get_state())
+    for hook in (addon.requestheaders, addon.responseheaders, addon.response):
+        hook(loaded)
+    assert (loaded.comment, loaded.response.get_state(), loaded.request.get_state()) == before
+    assert addon.realm == "https://learned.test/token"  # not re-learned from a rewritten one
+    text = contentviews.prettify_message(loaded.response, loaded).text
+    assert "error: invalid_token" in text and "subject: alice" in text
