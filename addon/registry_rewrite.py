@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 RELOAD_INTERVAL = 1.0  # seconds between looks at the rules file's mtime
 CATALOG_CURSORS = 1024  # opaque _catalog cursors remembered (see _catalog_cursor)
 JSON_BODY_LIMIT = 4 << 20  # error and listing bodies we buffer to rewrite
+# Response headers responseheaders rewrites (raw, lower case).
+_NAMING_HEADERS = frozenset((b"www-authenticate", b"location", b"link"))
 
 
 class RegistryRewrite:
@@ -535,6 +537,14 @@ class RegistryRewrite:
         upstream: Origin | None = flow.metadata.get("registry_upstream")
         if upstream is None:
             return
+        if resp.status_code not in (401, 403) and not any(
+            k.lower() in _NAMING_HEADERS for k, _ in resp.headers.fields
+        ):
+            # Nothing here names a repository or points back at us (most blob and
+            # manifest responses): skip the header lookups below, ~2 µs each.
+            if not self._body_needs_rewrite(flow):
+                resp.stream = not _keep_manifest(flow, resp)
+            return
         public = self._public(flow)
         client_name = self._client_names(flow)
         token_url = f"{public}{rules.token_path}"
@@ -603,7 +613,7 @@ class RegistryRewrite:
         if resp.status_code == 200:
             if api.is_catalog(path):
                 return True
-            repo = api.parse_repository_path(path)
+            repo = _repository_path(path)
             return repo is not None and repo.kind == "tags/list"
         return False
 
@@ -717,10 +727,15 @@ def _registry_style_proxy_errors(enable: bool) -> None:
             setattr(module, name, replacement)
 
 
+# Each flow's upstream path is parsed up to three times across its hooks (bench/hookcost.py).
+# RepositoryPath is immutable, so the parses can be shared.
+_repository_path = functools.lru_cache(maxsize=1024)(api.parse_repository_path)
+
+
 def _keep_manifest(flow: http.HTTPFlow, message: http.Message) -> bool:
     """Whether to buffer a manifest body (4 MiB at most, by the spec) instead of streaming
     it, so mitmweb and mitmdump can show it. Its bytes pass unchanged."""
-    repo = api.parse_repository_path(api.split_target(flow.request.path)[0])
+    repo = _repository_path(api.split_target(flow.request.path)[0])
     length = message.headers.get("Content-Length", "")
     keep = (
         repo is not None
