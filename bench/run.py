@@ -425,14 +425,21 @@ class Bench:
             for kind in kinds:
                 for _ in range(10):
                     one(v, kind)
+        # Request by request, the variants take turns (in a rotating order), so that
+        # whatever else the machine does hits them all alike; per-round medians are
+        # kept to show how stable the addon-bare difference is.
+        round_medians: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
         for r in range(rounds):
             if r and self.deadline.passed(f"latency round {r + 1}"):
                 break
             for kind in kinds:
-                for v in self.ordered(r):
-                    bucket = samples[kind].setdefault(v.key, [])
-                    for _ in range(per_round):
-                        bucket.append(one(v, kind))
+                this_round: dict[str, list[float]] = {v.key: [] for v in self.variants}
+                for i in range(per_round):
+                    for v in self.ordered(r + i):
+                        this_round[v.key].append(one(v, kind))
+                for key, xs in this_round.items():
+                    samples[kind].setdefault(key, []).extend(xs)
+                    round_medians[kind].setdefault(key, []).append(statistics.median(xs))
             log(f"latency round {r + 1}/{rounds} done")
         for c, _, _ in clients.values():
             c.close()
@@ -442,6 +449,7 @@ class Bench:
                     "n": len(xs),
                     "median": statistics.median(xs),
                     "p99": _percentile(xs, 99),
+                    "round_medians": round_medians[kind][key],
                 }
                 for key, xs in by_variant.items()
             }
@@ -655,6 +663,7 @@ def report(r: dict) -> tuple[str, list[str]]:
         lines += [
             "## Small-request latency (ms, sequential on one keep-alive connection)",
             "",
+            "Variants take turns request by request. "
             "Manifest of a 1-layer image (OCI, ~0.5 KiB); token GET with Basic credentials "
             "and one repository scope (the bare mitmdump relays tokens through a second bare "
             "mitmdump in front of the token server; the addon answers them itself, asking "
@@ -663,7 +672,8 @@ def report(r: dict) -> tuple[str, list[str]]:
         ]
         for t, title in (("http", "plain HTTP to the proxy"), ("tls", "TLS to the proxy")):
             cols = ["direct", f"bare-{t}", f"addon-{t}"] + ([f"nginx-{t}"] if nginx else [])
-            head = ["request", "n"] + [f"{c} med / p99" for c in cols] + ["addon−bare (med)"]
+            head = ["request", "n"] + [f"{c} med / p99" for c in cols]
+            head.append("addon−bare (med; per-round range)")
             lines += [f"### {title}", "", "| " + " | ".join(head) + " |"]
             lines.append("|" + "---|" * len(head))
             for kind, by_v in lat.items():
@@ -674,7 +684,18 @@ def report(r: dict) -> tuple[str, list[str]]:
                     row.append("–" if x is None else f"{x['median']:.2f} / {x['p99']:.2f}")
                 a, b = by_v.get(f"addon-{t}"), by_v.get(f"bare-{t}")
                 diff = a["median"] - b["median"] if a and b else None
-                row.append("–" if diff is None else f"{diff:+.2f}")
+                per_round = (
+                    [x - y for x, y in zip(a["round_medians"], b["round_medians"], strict=False)]
+                    if a and b
+                    else []
+                )
+                row.append(
+                    "–"
+                    if diff is None
+                    else f"{diff:+.2f} ({min(per_round):+.2f}…{max(per_round):+.2f})"
+                    if per_round
+                    else f"{diff:+.2f}"
+                )
                 lines.append("| " + " | ".join(row) + " |")
                 if diff is not None and diff > TARGET_LATENCY_MS:
                     missed.append(
