@@ -55,6 +55,8 @@ class RegistryRewrite:
         self.cursors: OrderedDict[str, str] = OrderedDict()
         self.watcher: asyncio.Task | None = None
         self.started = False
+        # Buffer manifests (not blobs) so they can be shown: only when someone looks.
+        self.show_manifests = False
         # mitmweb, mitmproxy and mitmdump show registry messages through this view.
         self.contentview = RegistryContentview(lambda: self.rules)
 
@@ -82,6 +84,12 @@ class RegistryRewrite:
         contentviews.add(self.contentview)
 
     def configure(self, updated):
+        # mitmweb and the console show bodies; mitmdump prints them from flow_detail 3.
+        self.show_manifests = (
+            "web_port" in ctx.options
+            or "console_layout" in ctx.options
+            or ("flow_detail" in ctx.options and ctx.options.flow_detail >= 3)
+        )
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # Token requests and refusals are answered without the upstream, so connect
             # only when a request must go there (and keep working while it is down).
@@ -269,7 +277,7 @@ class RegistryRewrite:
         flow.metadata["registry_route"] = route.registry
         new_path = api.RepositoryPath(route.name, repo.endpoint).path()
         flow.request.path = new_path + ("?" + query if query else "")
-        flow.request.stream = not _keep_manifest(flow, flow.request)
+        flow.request.stream = not (self.show_manifests and _keep_manifest(flow, flow.request))
         via = "" if route.registry == 0 else f" @{rules.upstreams[route.registry].key}"
         flow.comment = (
             f"{repo.name} → {route.name}{via} · {repo.kind} {flow.request.method} {repo.reference}"
@@ -543,7 +551,7 @@ class RegistryRewrite:
             # Nothing here names a repository or points back at us (most blob and
             # manifest responses): skip the header lookups below, ~2 µs each.
             if not self._body_needs_rewrite(flow):
-                resp.stream = not _keep_manifest(flow, resp)
+                resp.stream = not (self.show_manifests and _keep_manifest(flow, resp))
             return
         public = self._public(flow)
         client_name = self._client_names(flow)
@@ -577,7 +585,7 @@ class RegistryRewrite:
             resp.headers["Link"] = api.rewrite_link(resp.headers["Link"], rewrite)
 
         if not self._body_needs_rewrite(flow):
-            resp.stream = not _keep_manifest(flow, resp)
+            resp.stream = not (self.show_manifests and _keep_manifest(flow, resp))
 
     def _client_names(self, flow: http.HTTPFlow):
         """How names from this flow's upstream map back to what its client uses."""

@@ -765,7 +765,16 @@ def test_parse_json_cache_is_not_fooled_by_equal_prefix():
     assert cv.parse_json(os.urandom(16).replace(b"{", b"x")) is None
 
 
+def test_manifests_stream_when_nobody_looks(tctx, addon):
+    # plain mitmdump (flow_detail < 3): a manifest costs no buffering
+    assert not addon.show_manifests
+    f = addon_flow("/v2/team/app/manifests/1", "PUT", [("Content-Length", "100")])
+    addon.requestheaders(f)
+    assert f.request.stream is True
+
+
 def test_manifests_are_kept_whole_for_the_view_and_passed_unchanged(tctx, addon):
+    addon.show_manifests = True  # as under mitmweb, the console or flow_detail >= 3
     body = b'{ "schemaVersion":2,  "layers":[] ,"config":{}}'  # not canonical: must survive
     f = addon_flow("/v2/team/app/manifests/1", "PUT", [("Content-Length", str(len(body)))])
     addon.requestheaders(f)
