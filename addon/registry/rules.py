@@ -172,6 +172,8 @@ def parse_rules(text: str, source: str = "rules.yaml") -> Rules:
             url = _url(fields, "url", f"{where}.url", fail)
             if url is None:
                 raise fail(value_node, f"{where}: missing 'url'")
+            if urlsplit(url).path not in ("", "/") or urlsplit(url).query:
+                raise fail(fields["url"][1], f"{where}.url {url!r}: give scheme://host[:port]")
             registry = len(upstreams)
             upstreams.append(
                 Upstream(
