@@ -76,6 +76,7 @@ def test_rules_file_with_upstreams(monkeypatch):
             "upstreams:\n  hub:\n    url: ftp://x\n",
             "upstreams.hub.url 'ftp://x' must be an http(s) URL",
         ),
+        ("upstreams:\n  hub:\n    url: https://x/v2\n", "upstreams.hub.url 'https://x/v2'"),
         (
             "upstreams:\n  hub:\n    url: https://x\n    colour: red\n",
             "unknown key 'upstreams.hub.colour'",
