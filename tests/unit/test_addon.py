@@ -7,9 +7,8 @@ import logging
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.http import Response
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
-import registry_rewrite
 from registry import realm
 from registry.auth import parse_challenges
 
@@ -23,25 +22,6 @@ rules:
     upstream: "library/{name}"
 """
 UPSTREAM_REALM = "https://auth.upstream.test/token"
-
-
-@pytest.fixture
-def rules_file(tmp_path):
-    path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    return path
-
-
-@pytest.fixture
-def addon():
-    return registry_rewrite.RegistryRewrite()
-
-
-@pytest.fixture
-def tctx(addon, rules_file):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, registry_rules=str(rules_file))
-        yield tctx
 
 
 def flow(path, method="GET", content=b"", headers=(), tls=False, sni=None):

@@ -4,8 +4,6 @@ on prepared flows (see tests/e2e/test_faults.py, test_load.py, test_no_open_prox
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-import registry_rewrite
-
 RULES = """
 token_path: /auth
 unmatched: deny
@@ -13,20 +11,6 @@ rules:
   - client: "team/{r:path}"
     upstream: "acme_team/{r:path}"
 """
-
-
-@pytest.fixture
-def addon():
-    return registry_rewrite.RegistryRewrite()
-
-
-@pytest.fixture
-def tctx(addon, tmp_path):
-    rules_file = tmp_path / "rules.yaml"
-    rules_file.write_text(RULES)
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, registry_rules=str(rules_file))
-        yield tctx
 
 
 def reverse_flow(path: str, *, authority: str = "", headers=(), http_version="HTTP/1.1"):

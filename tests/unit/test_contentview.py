@@ -15,7 +15,6 @@ from mitmproxy import contentviews
 from mitmproxy.http import Response
 from mitmproxy.test import taddons, tflow, tutils
 
-import registry_rewrite
 from registry import contentview as cv
 from registry import realm
 from registry.contentview import Message, RegistryContentview, render
@@ -573,25 +572,6 @@ def test_live_request_with_raw_bearer_header(view):
 
 
 # --- the addon's wiring -----------------------------------------------------------------
-
-
-@pytest.fixture
-def rules_file(tmp_path):
-    path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    return path
-
-
-@pytest.fixture
-def addon():
-    return registry_rewrite.RegistryRewrite()
-
-
-@pytest.fixture
-def tctx(addon, rules_file):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, registry_rules=str(rules_file))
-        yield tctx
 
 
 def addon_flow(path, method="GET", headers=()):

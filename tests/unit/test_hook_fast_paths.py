@@ -10,29 +10,8 @@ import json
 
 import pytest
 from mitmproxy.http import Headers, Response
-from mitmproxy.test import taddons
 
-import registry_rewrite
-from tests.unit.test_addon import RULES, flow
-
-
-@pytest.fixture
-def tctx(addon, rules_file):
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, registry_rules=str(rules_file))
-        yield tctx
-
-
-@pytest.fixture
-def addon():
-    return registry_rewrite.RegistryRewrite()
-
-
-@pytest.fixture
-def rules_file(tmp_path):
-    path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    return path
+from tests.unit.test_addon import RULES, flow  # noqa: F401 (RULES: for the tctx fixture)
 
 
 def _respond(f, status, fields):
