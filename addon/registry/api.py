@@ -5,6 +5,7 @@ tags/list, _catalog and errors. No mitmproxy imports here.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -29,7 +30,7 @@ class RepositoryPath:
     name: str
     endpoint: str  # "/manifests/latest", "/blobs/uploads/", "/tags/list", ...
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
         """One of ENDPOINT_KINDS."""
         part = self.endpoint[1:]
