@@ -22,7 +22,6 @@ import re
 import select
 import socket
 import struct
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -32,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tests.e2e.images import ACCEPT_MANIFESTS, OCI_MANIFEST, OciImage, digest_of
 from tests.e2e.regclient import RegistryHTTP, Response
-from tests.e2e.upstream import LOOPBACK, Registry, wait_for_port
+from tests.e2e.upstream import LOOPBACK, Registry
 
 MAX_CONNECTIONS = 1000  # per listener; beyond that connections are closed unrecorded
 MAX_READ = 1 << 20  # bytes read per connection by the test listeners
@@ -336,16 +335,8 @@ class RestartableRegistry(Registry):
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         deadline = time.monotonic() + timeout
         while True:  # the old socket may linger for a moment after the kill
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    ["docker-registry", "serve", str(self.config_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
             try:
-                wait_for_port(self.port, timeout=5, proc=self.proc, describe=self.log_text)
+                self._launch(["docker-registry", "serve", str(self.config_path)], env, 5)
                 return self
             except Exception:
                 self.stop()

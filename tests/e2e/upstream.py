@@ -683,7 +683,45 @@ class AccessEntry:
         return urllib.parse.parse_qs(urllib.parse.urlsplit(self.uri).query)
 
 
-class Registry:
+class _Service:
+    """A subprocess with its own temp dir (`dir`) and log file (`log_path`), listening on
+    `port` once started."""
+
+    dir: Path
+    log_path: Path
+    port: int
+    proc: subprocess.Popen | None
+
+    def _launch(
+        self, argv: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None
+    ) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+            )
+        try:
+            wait_for_port(self.port, timeout=timeout, proc=self.proc, describe=self.log_text)
+        except LaunchError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        _stop_process(self.proc)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_text(self) -> str:
+        return _read_text(self.log_path)
+
+
+class Registry(_Service):
     """`docker-registry serve` (distribution 2.8) on 127.0.0.1 with TLS and token auth.
 
     `url`/`host` locate it; `access_log()` / `requests()` tell which requests it served
@@ -765,30 +803,8 @@ class Registry:
         self.config_path.write_text(json.dumps(self.config(), indent=2))
         # REGISTRY_* variables override config keys; keep the run hermetic.
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["docker-registry", "serve", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        try:
-            wait_for_port(self.port, timeout=timeout, proc=self.proc, describe=self.log_text)
-        except LaunchError:
-            self.stop()
-            raise
+        self._launch(["docker-registry", "serve", str(self.config_path)], env, timeout)
         return self
-
-    def stop(self) -> None:
-        _stop_process(self.proc)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def log_text(self) -> str:
-        return _read_text(self.log_path)
 
     def _sync_log(self, timeout: float = 10.0) -> None:
         """Make sure every request answered so far is in the log file.
@@ -857,7 +873,7 @@ class Registry:
 # --------------------------------------------------------------------------------------
 
 
-class Mitmdump:
+class Mitmdump(_Service):
     """`mitmdump` in reverse mode in front of `upstream_url`, loading the addon.
 
     `rules_text` is written to a file passed as `--set registry_rules=FILE` (or pass an
@@ -928,31 +944,8 @@ class Mitmdump:
     def start(self, timeout: float = 30.0) -> Mitmdump:
         self.port = free_port()
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # so log_text() is current
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO_ROOT,
-            )
-        try:
-            wait_for_port(self.port, timeout=timeout, proc=self.proc, describe=self.log_text)
-        except LaunchError:
-            self.stop()
-            raise
+        self._launch(self.command(), env, timeout, cwd=REPO_ROOT)
         return self
-
-    def stop(self) -> None:
-        _stop_process(self.proc)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def log_text(self) -> str:
-        return _read_text(self.log_path)
 
 
 # --------------------------------------------------------------------------------------
