@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tests.e2e.images import ACCEPT_MANIFESTS, OCI_MANIFEST, OciImage, digest_of
 from tests.e2e.regclient import RegistryHTTP, Response
-from tests.e2e.upstream import LOOPBACK, Registry
+from tests.e2e.upstream import LOOPBACK, Registry, serve_in_thread, stop_serving
 
 MAX_CONNECTIONS = 1000  # per listener; beyond that connections are closed unrecorded
 MAX_READ = 1 << 20  # bytes read per connection by the test listeners
@@ -242,18 +242,11 @@ class FakeUpstream:
 
         self._server = Server((LOOPBACK, 0), Handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
-        )
-        self._thread.start()
+        self._thread = serve_in_thread(self._server)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        stop_serving(self._server, self._thread, timeout=5)
 
 
 # --------------------------------------------------------------------------------------

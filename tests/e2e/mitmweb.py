@@ -17,15 +17,12 @@ import json
 import secrets
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 
 from tests.e2e.upstream import (
-    ADDON_SCRIPT,
     LOOPBACK,
     LaunchError,
     Mitmdump,
-    TestCA,
     free_port,
     wait_for_port,
 )
@@ -38,26 +35,8 @@ class Mitmweb(Mitmdump):
     `api` a `MitmwebAPI` for it.
     """
 
-    def __init__(
-        self,
-        upstream_url: str,
-        ca: TestCA,
-        rules_text: str | None = None,
-        *,
-        rules_file: Path | None = None,
-        tls: bool = False,
-        addon: Path | None = ADDON_SCRIPT,
-        extra_args: Sequence[str] = (),
-    ):
-        super().__init__(
-            upstream_url,
-            ca,
-            rules_text,
-            rules_file=rules_file,
-            tls=tls,
-            addon=addon,
-            extra_args=extra_args,
-        )
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.log_path = self.dir / "mitmweb.log"
         self.web_port = 0
         self.password = secrets.token_hex(16)

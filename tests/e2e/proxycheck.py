@@ -79,6 +79,16 @@ def scope_names(scopes: Iterable[str]) -> list[str]:
     return [s.split(":", 1)[1].rsplit(":", 1)[0] for s in scopes]
 
 
+def assert_anonymous_pull_tokens(token_server, upstream_name: str) -> None:
+    """The token server got only anonymous GETs for pulling `upstream_name`, and granted."""
+    reqs = token_server.requests()
+    assert_scopes_mapped(reqs)
+    assert {(r.method, r.basic_auth, r.subject, r.scopes) for r in reqs} == {
+        ("GET", False, None, (f"repository:{upstream_name}:pull",))
+    }
+    assert all(r.status == 200 and r.granted for r in reqs)
+
+
 def assert_scopes_mapped(requests: Sequence) -> None:
     """Every repository scope the token server was asked for names an upstream repository."""
     assert requests, "no token request at all"

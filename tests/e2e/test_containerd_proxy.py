@@ -26,6 +26,7 @@ from tests.e2e.images import fetch_manifest
 from tests.e2e.proxycheck import (
     RULES,
     TRANSPORT_PROBE,
+    assert_anonymous_pull_tokens,
     assert_only_upstream_names,
     assert_scopes_mapped,
     client_transports,
@@ -182,12 +183,7 @@ def test_ctr_anonymous_pull_of_public_repo_through_proxy(
     containerd.pull(f"{p.host}/{public}:v1")
     assert containerd.image_digest(f"{p.host}/{public}:v1") == image.digest
     assert_only_upstream_names(registry.access_log(since_mark=True), up_public)
-    reqs = token_server.requests()
-    assert_scopes_mapped(reqs)
-    assert {(r.method, r.basic_auth, r.subject, r.scopes) for r in reqs} == {
-        ("GET", False, None, (f"repository:{up_public}:pull",))
-    }
-    assert all(r.status == 200 and r.granted for r in reqs)
+    assert_anonymous_pull_tokens(token_server, up_public)
 
     # Anonymous may neither pull the private repository nor push anywhere.
     registry.mark()

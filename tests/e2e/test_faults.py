@@ -37,6 +37,8 @@ from tests.e2e.upstream import (
     _TLSServer,
     _TokenHandler,
     default_acl,
+    serve_in_thread,
+    stop_serving,
 )
 
 RULES = """
@@ -302,26 +304,19 @@ class RestartableTokenServer(TokenServer):
         super()._handle(h, method)
 
     def down(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_serving(self._server, self._thread)
+        self._server = None
         with self._lock:
             open_connections, self._open = getattr(self, "_open", set()), set()
         for conn in open_connections:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
     def up(self) -> None:
         self._server = _TLSServer(
             (LOOPBACK, self.port), _TokenHandler, self.ca.server_context(), owner=self
         )
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
-        )
-        self._thread.start()
+        self._thread = serve_in_thread(self._server)
 
 
 def test_token_service_down_gives_json_502_and_recovers(ca, proxy, http_client, unique):

@@ -20,17 +20,8 @@ import pytest
 from tests.e2e.conftest import require_tool
 from tests.e2e.images import build_image
 from tests.e2e.mitmweb import Mitmweb
+from tests.e2e.proxycheck import RULES
 from tests.e2e.upstream import ALICE, BOB, Skopeo, SkopeoError
-
-RULES = """
-token_path: /auth
-unmatched: deny
-rules:
-  - client: "team/{r:path}"
-    upstream: "acme_team/{r:path}"
-  - client: "{name}"
-    upstream: "library/{name}"
-"""
 
 BASIC_ALICE = base64.b64encode(f"{ALICE[0]}:{ALICE[1]}".encode()).decode()
 BASIC_BOB = base64.b64encode(f"{BOB[0]}:{BOB[1]}".encode()).decode()

@@ -27,7 +27,7 @@ from tests.e2e.proxycheck import (
     token_requests_for,
 )
 from tests.e2e.regclient import parse_challenge
-from tests.e2e.upstream import ALICE, LOOPBACK, Registry
+from tests.e2e.upstream import ALICE, LOOPBACK, Registry, serve_in_thread, stop_serving
 
 BASIC_ALICE = "Basic " + base64.b64encode(f"{ALICE[0]}:{ALICE[1]}".encode()).decode()
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -764,12 +764,7 @@ class RedirectingUpstream:
         self.storage_requests: list[tuple[str, str, str]] = []
         self.registry = _Recording(_Handler, self)
         self.storage = _Recording(_Handler, _Storage(self))
-        self.threads = [
-            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-            for s in (self.registry, self.storage)
-        ]
-        for t in self.threads:
-            t.start()
+        self.threads = [serve_in_thread(s, poll=0.1) for s in (self.registry, self.storage)]
 
     @property
     def url(self) -> str:
@@ -797,11 +792,8 @@ class RedirectingUpstream:
             h.reply(404, {"Content-Type": "application/json"}, b'{"errors": []}')
 
     def stop(self) -> None:
-        for s in (self.registry, self.storage):
-            s.shutdown()
-            s.server_close()
-        for t in self.threads:
-            t.join(timeout=10)
+        for server, thread in zip((self.registry, self.storage), self.threads, strict=True):
+            stop_serving(server, thread)
 
 
 class _Storage:

@@ -13,22 +13,8 @@ import time
 import pytest
 
 from tests.e2e.images import fetch_manifest
+from tests.e2e.proxycheck import RULES
 from tests.e2e.upstream import ALICE, SkopeoError
-
-RULES = """
-token_path: /auth
-unmatched: deny
-rules:
-  - client: "team/{r:path}"
-    upstream: "acme_team/{r:path}"
-  - client: "{name}"
-    upstream: "library/{name}"
-"""
-
-
-def client_side_names_upstream(registry, unique):
-    """Repository names the registry saw that belong to the client side: must be none."""
-    return {n for n in registry.repositories_seen(since_mark=True) if n.startswith("team/")}
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])

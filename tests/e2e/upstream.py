@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -105,6 +106,27 @@ def _stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=timeout)
+
+
+def serve_in_thread(server: socketserver.BaseServer, poll: float = 0.2) -> threading.Thread:
+    """Run a socketserver in a daemon thread; `stop_serving` ends it."""
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": poll}, daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def stop_serving(
+    server: socketserver.BaseServer | None,
+    thread: threading.Thread | None,
+    timeout: float = 10.0,
+) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    if thread is not None:
+        thread.join(timeout=timeout)
 
 
 def _read_text(path: Path) -> str:
@@ -479,19 +501,12 @@ class TokenServer:
             (LOOPBACK, 0), _TokenHandler, self.ca.server_context(), owner=self
         )
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
-        )
-        self._thread.start()
+        self._thread = serve_in_thread(self._server)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        stop_serving(self._server, self._thread)
+        self._server = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- recorded requests ------------------------------------------------------------
