@@ -20,17 +20,17 @@ from urllib.parse import quote, urlencode, urlsplit
 from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.net.http.http1 import assemble_response
 
-from registry import api, auth, realm
-from registry.api import Origin
-from registry.contentview import (
+from regrewrite import api, auth, realm
+from regrewrite.api import Origin
+from regrewrite.contentview import (
     RegistryContentview,
     auth_note,
     bearer_info,
     describe_rules,
     token_shortfall,
 )
-from registry.names import Route, is_valid_name
-from registry.rules import Rules, RulesError, load_rules
+from regrewrite.names import Route, is_valid_name
+from regrewrite.rules import Rules, RulesError, load_rules
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from mitmproxy import exceptions
 from mitmproxy.http import Response
 from mitmproxy.test import tflow, tutils
 
-from registry import realm
-from registry.auth import parse_challenges
+from regrewrite import realm
+from regrewrite.auth import parse_challenges
 
 RULES = """
 token_path: /auth
@@ -198,7 +198,7 @@ async def test_token_get_maps_every_scope(tctx, addon, monkeypatch):
     ((method, url, headers, body),) = fake.calls
     assert method == "GET" and url.startswith(UPSTREAM_REALM + "?service=svc&scope=")
     query = url.split("?", 1)[1]
-    from registry.auth import form_values
+    from regrewrite.auth import form_values
 
     assert form_values(query, "scope") == [
         "repository:acme_team/app:pull,push",

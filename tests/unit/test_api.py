@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.api import (
+from regrewrite.api import (
     Origin,
     RepositoryPath,
     parse_repository_path,

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.auth import (
+from regrewrite.auth import (
     Challenge,
     Scope,
     form_values,

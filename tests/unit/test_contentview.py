@@ -15,10 +15,10 @@ from mitmproxy import contentviews
 from mitmproxy.http import Response
 from mitmproxy.test import taddons, tflow, tutils
 
-from registry import contentview as cv
-from registry import realm
-from registry.contentview import Message, RegistryContentview, render
-from registry.rules import parse_rules
+from regrewrite import contentview as cv
+from regrewrite import realm
+from regrewrite.contentview import Message, RegistryContentview, render
+from regrewrite.rules import parse_rules
 
 RULES = """
 token_path: /auth

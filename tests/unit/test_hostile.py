@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from mitmproxy.test import taddons
 
 import registry_rewrite
-from registry import api, realm
-from registry.auth import form_values, parse_challenges, parse_scope, rewrite_challenge
+from regrewrite import api, realm
+from regrewrite.auth import form_values, parse_challenges, parse_scope, rewrite_challenge
 from tests.unit.test_addon import RULES, flow, respond
 
 ALLOWED_UPSTREAM = ("acme_team/", "library/")

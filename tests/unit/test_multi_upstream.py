@@ -7,9 +7,9 @@ import pytest
 from mitmproxy.test import taddons
 
 import registry_rewrite
-from registry import realm
-from registry.auth import form_values, parse_challenges
-from registry.rules import RulesError, parse_rules
+from regrewrite import realm
+from regrewrite.auth import form_values, parse_challenges
+from regrewrite.rules import RulesError, parse_rules
 from tests.unit.test_addon import error_of, flow, respond
 
 RULES = """

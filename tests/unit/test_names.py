@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.names import (
+from regrewrite.names import (
     RuleSet,
     common_name,
     is_valid_name,

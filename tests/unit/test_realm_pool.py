@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from registry import realm
+from regrewrite import realm
 
 
 class _Handler(BaseHTTPRequestHandler):

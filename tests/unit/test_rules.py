@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.rules import RulesError, load_rules, parse_rules
+from regrewrite.rules import RulesError, load_rules, parse_rules
 
 ROOT = Path(__file__).parents[2]
 
