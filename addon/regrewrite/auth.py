@@ -79,7 +79,7 @@ def narrow_actions(actions: str, allowed: frozenset[str] | None) -> str:
     kept = [
         a
         for a in actions.split(",")
-        if a not in WRITE_ACTIONS or a in allowed or (a == "*" and WRITE_ACTIONS <= allowed)
+        if a not in WRITE_ACTIONS or a in allowed or (a == "*" and {"push", "delete"} <= allowed)
     ]
     return ",".join(kept)
 
