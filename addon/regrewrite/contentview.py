@@ -85,7 +85,7 @@ def decode_jwt(token: str) -> Jwt | None:
     try:
         header = json.loads(_b64url(parts[0]))
         claims = json.loads(_b64url(parts[1]))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):  # nesting past the stack: not a JWT
         return None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         return None
