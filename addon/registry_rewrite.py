@@ -880,8 +880,13 @@ def _redact_credentials(flow: http.HTTPFlow) -> None:
     for key, value in headers.fields:
         if key.lower() == b"authorization":
             text = value.decode("latin-1")
-            # The token's claims (not the token) stay, for the contentview.
-            info = _bearer_info(text)
+            # The token's claims (not the token) stay, for the contentview. Only for the
+            # view: a failure to decode them must not stop the redaction (nor escape the
+            # hook, which would pass the upstream's response on as it is).
+            try:
+                info = _bearer_info(text)
+            except Exception:  # noqa: BLE001
+                info = None
             if info is not None:
                 flow.metadata["registry_bearer"] = info
             value = text.split(" ", 1)[0].encode("latin-1") + b" <redacted>"

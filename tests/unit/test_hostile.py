@@ -266,3 +266,62 @@ def test_fuzz_response_headers_through_hooks(hooks, header, status):
     hooks.response(f)
     location = f.response.headers["Location"]
     assert "acme_team" not in unquote(location) or "acme_team" in unquote(header)
+
+
+def _nested_jwt(depth: int = 5000) -> str:
+    import base64
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    # Claims nested deeper than Python's recursion limit: json.loads raises
+    # RecursionError, not ValueError.
+    return f"Bearer {b64(b'{}')}.{b64(b'[' * depth + b']' * depth)}.sig"
+
+
+def test_deeply_nested_bearer_claims_are_not_a_fault(hooks):
+    # The claims are only for the content view: a token they cannot be read from is
+    # simply not shown, the flow is mapped as any other, its credentials redacted.
+    f = flow("/v2/team/app/manifests/1", headers=[("Authorization", _nested_jwt())])
+    hooks.requestheaders(f)
+    assert f.response is None, f.response and f.response.content
+    assert f.request.path == "/v2/acme_team/app/manifests/1"
+    respond(
+        f,
+        401,
+        b"{}",
+        [
+            (
+                "WWW-Authenticate",
+                'Bearer realm="https://auth.upstream.test/token",service="reg",'
+                'scope="repository:acme_team/app:pull"',
+            ),
+            ("Content-Type", "application/json"),
+        ],
+    )
+    hooks.responseheaders(f)  # must not raise: mitmproxy would pass the 401 on as it is
+    assert f.request.headers["Authorization"] == "Bearer <redacted>"
+    assert "acme_team" not in f.response.headers["WWW-Authenticate"]
+
+
+def test_redaction_survives_a_failing_claims_decoder(hooks, monkeypatch):
+    # responseheaders redacts before anything else; a failure there escaped the hook
+    # and mitmproxy passed the upstream's response on unmapped (found by fault injection).
+    f = flow("/v2/team/app/manifests/1")
+    hooks.requestheaders(f)
+    f.request.headers["Authorization"] = "Bearer a.b.c"
+    registry_rewrite._BEARER_CACHE.clear()
+
+    def boom(_):
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr(registry_rewrite, "bearer_info", boom)
+    respond(
+        f,
+        401,
+        b"{}",
+        [("WWW-Authenticate", 'Bearer realm="https://auth.upstream.test/token",service="reg"')],
+    )
+    hooks.responseheaders(f)
+    assert f.request.headers["Authorization"] == "Bearer <redacted>"
+    assert "upstream.test" not in f.response.headers["WWW-Authenticate"]
