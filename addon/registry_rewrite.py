@@ -80,6 +80,9 @@ class RegistryRewrite:
         self.contentview = RegistryContentview(lambda: self.rules)
 
     def load(self, loader):
+        # The body caps must hold from the first connection: mitmproxy may accept
+        # connections before this addon's running() (a startup race the e2e test hit).
+        patches.enable()
         loader.add_option(
             "registry_rules",
             str,

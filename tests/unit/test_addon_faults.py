@@ -68,3 +68,21 @@ def test_token_timeout_can_be_set_like_any_option(addon):
     with taddons.context(addon) as tctx:
         tctx.options.set("registry_token_timeout=3")
         assert tctx.options.registry_token_timeout == 3
+
+
+def test_body_caps_hold_from_load_on(addon):
+    # mitmdump listens before a script's running() hook: a flow accepted in between was
+    # read without any cap (a 256 MiB PUT to a denied name read whole, seen end to end).
+    from mitmproxy import addonmanager
+    from mitmproxy.proxy.layers import http as layers_http
+
+    from regrewrite.addons import patches
+
+    with taddons.context() as tctx:
+        patches.disable()
+        original = layers_http.HttpStream.state_consume_request_body
+        try:
+            addon.load(addonmanager.Loader(tctx.master))
+            assert layers_http.HttpStream.state_consume_request_body is not original
+        finally:
+            patches.disable()
