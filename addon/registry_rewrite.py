@@ -768,6 +768,10 @@ def _refuse(flow: http.HTTPFlow, refusal: decide.Refusal) -> None:
     if head:
         response.headers["Content-Length"] = str(len(body))  # what GET would send
     flow.request.stream = False  # never stream a flow we answer
+    # No "100 Continue" for a request we refuse: mitmproxy would send it, the client its
+    # body, and past the cap no error could reach the client any more (mitmproxy only
+    # closes the connection once it has sent an interim answer).
+    flow.request.headers.pop("Expect", None)
     flow.response = response
     meta = flow.metadata
     meta["registry_refused"] = meta["registry_answered"] = True

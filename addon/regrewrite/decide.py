@@ -92,6 +92,12 @@ def decide_request(
     if path == rules.token_path:
         if method not in ("GET", "POST"):
             return "token", Refusal(405, "UNSUPPORTED", "token endpoint takes GET or POST")
+        if content_length is not None and content_length.isdigit():
+            if int(content_length) > REQUEST_BODY_CAP:
+                # Refused before the body is read (and before any 100 Continue).
+                detail = {"limit": REQUEST_BODY_CAP}
+                reason = f"token request body larger than {REQUEST_BODY_CAP} bytes"
+                return "token", Refusal(413, "SIZE_INVALID", reason, detail)
         return "token", TokenEndpoint()
     if path in ("/v2/", "/v2"):
         if len(rules.upstreams) > 1:

@@ -86,3 +86,27 @@ def test_body_caps_hold_from_load_on(addon):
             assert layers_http.HttpStream.state_consume_request_body is not original
         finally:
             patches.disable()
+
+
+def test_refusal_drops_expect_100_continue(tctx, addon):
+    # mitmproxy sends "100 Continue" after requestheaders when the request still asks
+    # for it; the client then sends its body and, past the cap, got no error at all
+    # (mitmproxy only closes a connection that has had an interim answer).
+    f = reverse_flow("/v2/secret/x/manifests/1", headers=[("Expect", "100-continue")])
+    addon.requestheaders(f)
+    assert f.response.status_code == 404
+    assert "Expect" not in f.request.headers
+
+
+def test_token_form_over_the_cap_is_refused_before_reading(tctx, addon):
+    from regrewrite import decide
+
+    size = decide.REQUEST_BODY_CAP + 1
+    f = reverse_flow("/auth", headers=[("Content-Length", str(size)), ("Expect", "100-continue")])
+    addon.requestheaders(f)
+    assert f.response.status_code == 413
+    assert b"SIZE_INVALID" in f.response.content
+    assert "Expect" not in f.request.headers
+    g = reverse_flow("/auth", headers=[("Content-Length", str(size - 1))])
+    addon.requestheaders(g)
+    assert g.response is None and g.metadata["registry_token"]
