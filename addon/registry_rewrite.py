@@ -687,7 +687,7 @@ class RegistryRewrite:
         flow.response.stream = False
         flow.metadata[patches.RESPONSE_CAP] = 0
         flow.metadata[patches.CAP_ERROR] = api.registry_error(
-            "UNAVAILABLE", message=f"the proxy could not rewrite the upstream's answer: {reason}"
+            "UNAVAILABLE", message=f"the proxy could not rewrite the upstream's answer: {where}"
         ).decode()
 
 
@@ -792,8 +792,11 @@ def _refuse(flow: http.HTTPFlow, refusal: decide.Refusal) -> None:
 
 def _fail_response(flow: http.HTTPFlow, reason: str) -> None:
     """Replace an upstream response we could not rewrite with a JSON 502."""
+    # The client is told only where it failed: the exception's message may quote what
+    # could not be rewritten (upstream names, hosts); that stays in the log and comment.
+    where = reason.partition(": ")[0]
     body = api.registry_error(
-        "UNAVAILABLE", message=f"the proxy could not rewrite the upstream's answer: {reason}"
+        "UNAVAILABLE", message=f"the proxy could not rewrite the upstream's answer: {where}"
     )
     head = flow.request.method == "HEAD"
     flow.response = http.Response.make(502, b"" if head else body, api.JSON_HEADERS)

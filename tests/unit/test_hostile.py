@@ -325,3 +325,24 @@ def test_redaction_survives_a_failing_claims_decoder(hooks, monkeypatch):
     hooks.responseheaders(f)
     assert f.request.headers["Authorization"] == "Bearer <redacted>"
     assert "upstream.test" not in f.response.headers["WWW-Authenticate"]
+
+
+@pytest.mark.parametrize(
+    "header, value",
+    [
+        ("Link", '</v2/acme_team/app/tags/list?last=a; rel="next"'),
+        ("WWW-Authenticate", 'Bearer realm="x,scope=repository:acme_team/app:pull'),
+        ("Location", "http://[::1/v2/acme_team/app/blobs/uploads/x"),
+    ],
+)
+def test_unrewritable_header_is_not_quoted_to_the_client(hooks, header, value):
+    # The 502 said why, quoting the upstream's header: its repository names reached the
+    # client through the error meant to keep them from it.
+    f = flow("/v2/team/app/tags/list")
+    hooks.requestheaders(f)
+    respond(f, 401 if header == "WWW-Authenticate" else 200, b"{}", [(header, value)])
+    hooks.responseheaders(f)
+    asyncio.run(hooks.response(f))
+    error = f.metadata.get("registry_cap_error", "") + f.response.text
+    assert "acme_team" not in error and "::1" not in error, error
+    assert f.response.status_code == 502 or "registry_cap_error" in f.metadata
