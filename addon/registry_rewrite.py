@@ -408,6 +408,7 @@ class RegistryRewrite:
                         502,
                         "UNAVAILABLE",
                         f"credentials of upstream {upstream.key} cannot be read: {_secret_free(e)}",
+                        {"upstream": upstream.key},  # which one to fix (never why: a path)
                     ),
                 )
                 return

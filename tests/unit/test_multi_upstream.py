@@ -292,3 +292,26 @@ async def test_push_scope_decides_the_upstream_over_a_mount_source(addon, monkey
     query = url.split("?", 1)[1]
     assert form_values(query, "scope") == ["repository:library/nginx:pull,push"]
     assert form_values(query, "service") == ["hub-service"]
+
+
+async def test_unreadable_password_file_names_the_upstream(tmp_path, monkeypatch):
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret")
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "upstreams:\n  ghcr:\n    url: https://ghcr.test\n    realm: https://ghcr.test/token\n"
+        "    service: ghcr-svc\n"
+        f"    credentials:\n      username: robot\n      password_file: {secret}\n"
+        "    rules:\n      - client: 'ghcr/{r:path}'\n        upstream: '{r:path}'\n"
+    )
+    fake = FakeRealm()
+    monkeypatch.setattr(realm, "fetch", fake)
+    addon = registry_rewrite.RegistryRewrite()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(path))
+        secret.unlink()
+        f = flow("/auth?scope=repository:ghcr/x:pull", headers=[("Authorization", "Basic dTpw")])
+        addon.requestheaders(f)
+        await addon.request(f)
+    assert error_of(f) == (502, "UNAVAILABLE", {"upstream": "ghcr"})
+    assert fake.calls == []
