@@ -293,7 +293,10 @@ class RegistryRewrite:
         elif isinstance(decision, decide.Ping):
             self._answer_ping(flow)
         elif isinstance(decision, decide.TokenEndpoint):
-            # The form is read (up to the cap) to map its scopes: no streaming.
+            # The form is read (up to the cap) to map its scopes: no streaming. (Under
+            # stream_large_bodies mitmproxy set stream before this hook; left set, the
+            # request went to the upstream's /auth with the client's credentials.)
+            req.stream = False
             meta["registry_token"] = True
             meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
             meta[patches.CAP_ERROR] = api.registry_error(

@@ -110,3 +110,14 @@ def test_token_form_over_the_cap_is_refused_before_reading(tctx, addon):
     g = reverse_flow("/auth", headers=[("Content-Length", str(size - 1))])
     addon.requestheaders(g)
     assert g.response is None and g.metadata["registry_token"]
+
+
+def test_token_request_is_never_streamed(tctx, addon):
+    # mitmproxy's stream_large_bodies sets request.stream before requestheaders; a token
+    # request left streaming went to the upstream's /auth with the client's credentials.
+    f = reverse_flow("/auth", headers=[("Content-Length", "20000")])
+    f.request.stream = True
+    addon.requestheaders(f)
+    assert f.response is None and f.metadata["registry_token"]
+    assert f.request.stream is False
+
