@@ -59,6 +59,11 @@ def _capped(original, request: bool):
                 buf.clear()
                 yield from _fail_over_cap(self, request, cap)
                 return
+            # Buffered here, not by the original: it would also apply stream_large_bodies
+            # and start streaming a flow that must be answered or rewritten (a token form
+            # to the upstream's /auth, a _catalog to the client unfiltered).
+            buf += event.data
+            return
         yield from original(self, event)
 
     state.__wrapped__ = original
