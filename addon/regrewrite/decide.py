@@ -382,8 +382,8 @@ def body_rewrite(method: str, status: int, path: str, content_type: str) -> str 
         return None
     if status >= 400:
         return "errors" if "json" in content_type.lower() else None
-    if status != 200:
-        return None
+    if not 200 <= status < 300:
+        return None  # (any 2xx: a 201 or 203 tags/list or _catalog is no less a listing)
     if api.is_catalog(path):
         return "catalog"
     repo = api.parse_repository_path(path)
