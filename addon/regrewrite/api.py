@@ -157,7 +157,7 @@ def rewrite_url(
     parts = urlsplit(url)  # raises ValueError for a malformed netloc
     if parts.netloc:
         origin = Origin.parse(url)
-        if origin != upstream:
+        if origin != upstream and not _same_upstream(origin, upstream):
             return url
     path, query = parts.path, parts.query
     repo = parse_repository_path(path)
@@ -175,6 +175,19 @@ def rewrite_url(
     if not parts.netloc:
         return urlunsplit(("", "", path, query, parts.fragment))
     return urlunsplit((public.scheme, public.netloc, path, query, parts.fragment))
+
+
+def _same_upstream(origin: Origin, upstream: Origin) -> bool:
+    """The upstream under the other scheme: behind a TLS-terminating balancer a registry
+    builds http:// URLs for itself (same port, or the scheme's default one). Passed on,
+    such a Location sent the client around the proxy, under the upstream's names."""
+    return (
+        origin.host == upstream.host
+        and origin.scheme != upstream.scheme
+        and (
+            origin.port == upstream.port or origin.port == (80 if origin.scheme == "http" else 443)
+        )
+    )
 
 
 _LINK = re.compile(r"\s*<(?P<url>[^>]*)>(?P<params>[^,]*(?:\"[^\"]*\"[^,]*)*)")
