@@ -114,6 +114,9 @@ def drop_query_values(query: str, keys: tuple[str, ...]) -> str:
 # --- Location and Link ----------------------------------------------------------------
 
 
+_HOST = re.compile(r"[a-z0-9_.-]+|[0-9a-f:.]+")  # a DNS name or IPv4, or an IPv6 literal
+
+
 class Origin(NamedTuple):
     # A tuple, not a dataclass: flows keep it in their metadata, and mitmproxy's flow
     # files (mitmweb's Save, mitmdump -w) hold only plain values.
@@ -136,7 +139,12 @@ class Origin(NamedTuple):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{url!r} is not an http(s) URL")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname.lower(), port)
+        host = parts.hostname.lower()
+        if not _HOST.fullmatch(host):
+            # urlsplit takes any text as a host ("upstream.test<"): such a URL is not at
+            # another host to pass on untouched, it is one nobody can place.
+            raise ValueError(f"{url!r}: invalid host {host!r}")
+        return cls(parts.scheme, host, port)
 
 
 def rewrite_url(
