@@ -29,8 +29,7 @@ from regrewrite.contentview import (
     describe_rules,
     token_shortfall,
 )
-from regrewrite.names import Route, is_valid_name
-from regrewrite.rules import Rules, RulesError, load_rules
+from regrewrite.rules import Route, Rules, RulesError, Unrouted, load_rules
 
 logger = logging.getLogger(__name__)
 
@@ -317,33 +316,11 @@ class RegistryRewrite:
         what: str = "name",
         mirror: int | None = None,
     ) -> Route | None:
-        """Where a client name goes, or None after refusing the flow.
-
-        With a mirror hint the name is already the upstream's own: it must be one a
-        rule makes reachable.
-        """
-        if not is_valid_name(name):
-            _refuse(flow, 400, "NAME_INVALID", {what: name}, f"invalid repository name {name!r}")
-            return None
-        if mirror is not None:
-            if rules.client_name(name, mirror) is None:
-                _refuse(flow, 404, "NAME_UNKNOWN", {what: name}, f"no rule reaches {name}")
-                return None
-            return Route(mirror, name)
-        found = rules.names.lookup(name)
-        if found is None:
-            if rules.unmatched == "pass":
-                return Route(0, name)
-            _refuse(flow, 404, "NAME_UNKNOWN", {what: name}, f"no rule for {name}")
-            return None
-        if not is_valid_name(found.name):
-            _refuse(
-                flow,
-                400,
-                "NAME_INVALID",
-                {what: name},
-                f"{name} maps to invalid upstream name {found.name!r}",
-            )
+        """Where a client name goes, or None after refusing the flow."""
+        found = rules.resolve(name, mirror)
+        if isinstance(found, Unrouted):
+            status = 400 if found.code == "NAME_INVALID" else 404
+            _refuse(flow, status, found.code, {what: name}, found.reason)
             return None
         return found
 
@@ -416,7 +393,7 @@ class RegistryRewrite:
         url = upstream_realm + (("&" if "?" in upstream_realm else "?") + query if query else "")
         req.url = url
         headers = [(k, v) for k, v in req.headers.items() if k.lower() in realm.FORWARDED_HEADERS]
-        if upstream.credentials is not None:
+        if upstream.credentials.mode == "account":
             # The proxy's own account on this upstream: a GET with Basic auth, whatever
             # grant the client tried (its credentials are for the proxy, not this upstream).
             scopes = auth.form_values(body.decode(), "scope") if body else []
@@ -784,14 +761,7 @@ def _drop_client_authority(request: http.Request) -> None:
 def _mount_source(rules: Rules, name: str, mirror: int | None) -> Route | None:
     """Where a mount's ``from`` lies upstream (as ``_route`` finds it), or None when no
     rule reaches it; never refuses: a mount that cannot be done becomes an upload."""
-    if not is_valid_name(name):
-        return None
-    if mirror is not None:
-        return Route(mirror, name) if rules.client_name(name, mirror) is not None else None
-    found = rules.names.lookup(name)
-    if found is None:
-        return Route(0, name) if rules.unmatched == "pass" else None
-    return found if is_valid_name(found.name) else None
+    return rules.route(name, mirror)
 
 
 # A client sends the same token with every request of a pull or push; decoding it each
