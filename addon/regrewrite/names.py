@@ -12,6 +12,7 @@ value is immutable, so rules can be built in a worker thread and shared.
 from __future__ import annotations
 
 import bisect
+import heapq
 import re
 from collections import deque
 from collections.abc import Iterator
@@ -43,9 +44,9 @@ class Placeholder:
 # A template is a sequence of literal strings and placeholders.
 Part = str | Placeholder
 
-# One path component of a template, for the overlap check: ("lit", text) matches
-# exactly text; ("one", prefix, suffix) matches prefix + one or more characters other
-# than "/" + suffix; ANY matches any component (inside a {x:path}).
+# One path component of a template: ("lit", text) matches exactly text; ("one", prefix,
+# suffix, placeholder) matches prefix + one or more characters other than "/" + suffix;
+# ANY matches any component (inside a {x:path}).
 Component = tuple[str, ...]
 ANY: Component = ("any",)
 
@@ -58,6 +59,7 @@ class Shape:
     head: tuple[Component, ...]
     path: str | None  # the literal before {x:path} in its first component; None: no path
     tail: tuple[Component, ...]
+    path_name: str = ""  # the {x:path} placeholder's name
 
     @property
     def min_length(self) -> int:
@@ -69,7 +71,7 @@ class Shape:
         if self.path is None or i < len(self.head):
             return self.head[i]
         if i == len(self.head):
-            return ("one", self.path, "")
+            return ("one", self.path, "", self.path_name)
         if i >= n - len(self.tail):
             return self.tail[i - (n - len(self.tail))]
         return ANY
@@ -100,6 +102,46 @@ class Template:
 
     def fill(self, values: dict[str, str]) -> str:
         return "".join(p if isinstance(p, str) else values[p.name] for p in self.parts)
+
+    def match(self, name: str) -> dict[str, str] | None:
+        """The placeholder values that produce ``name``, or None; what a full match of
+        ``pattern()`` gives, without compiling a regex for each of 1,000 rules."""
+        shape = self.shape
+        components = name.split("/")
+        n = len(components)
+        if n != len(shape.head) if shape.path is None else n < shape.min_length:
+            return None
+        values: dict[str, str] = {}
+        for component, pattern in zip(components, shape.head, strict=False):
+            if not _match_component(pattern, component, values):
+                return None
+        if shape.path is None:
+            return values
+        t = len(shape.tail)
+        for component, pattern in zip(components[n - t :], shape.tail, strict=True):
+            if not _match_component(pattern, component, values):
+                return None
+        middle = components[len(shape.head) : n - t]
+        if len(middle[0]) <= len(shape.path) or not middle[0].startswith(shape.path):
+            return None
+        if not all(middle):
+            return None
+        values[shape.path_name] = "/".join(middle)[len(shape.path) :]
+        return values
+
+
+def _match_component(pattern: Component, component: str, values: dict[str, str]) -> bool:
+    if pattern[0] == "lit":
+        return component == pattern[1]
+    _, prefix, suffix, name = pattern
+    if (
+        len(component) <= len(prefix) + len(suffix)
+        or not component.startswith(prefix)
+        or not component.endswith(suffix)
+    ):
+        return False
+    values[name] = component[len(prefix) : len(component) - len(suffix)]
+    return True
 
 
 def parse_template(text: str) -> Template:
@@ -168,17 +210,19 @@ def _shape(components: list[str]) -> Shape:
     head: list[Component] = []
     tail: list[Component] = []
     path: str | None = None
+    path_name = ""
     for component in components:
         m = _PLACEHOLDER.search(component)
         if m is None:
             comp: Component = ("lit", component)
         elif m.group(1).endswith(":path"):
             path = component[: m.start()]  # parse_template made sure it ends the component
+            path_name = m.group(1).partition(":")[0]
             continue
         else:
-            comp = ("one", component[: m.start()], component[m.end() :])
+            comp = ("one", component[: m.start()], component[m.end() :], m.group(1))
         (head if path is None else tail).append(comp)
-    return Shape(tuple(head), path, tuple(tail))
+    return Shape(tuple(head), path, tuple(tail), path_name)
 
 
 @dataclass(frozen=True)
@@ -239,10 +283,10 @@ def _meet(x: Component, y: Component) -> str | None:
     if x[0] == "lit" and y[0] == "lit":
         return x[1] if x[1] == y[1] else None
     if x[0] == "lit" or y[0] == "lit":
-        (_, text), (_, p, s) = (x, y) if x[0] == "lit" else (y, x)
+        (_, text), (_, p, s, _) = (x, y) if x[0] == "lit" else (y, x)
         ok = len(text) > len(p) + len(s) and text.startswith(p) and text.endswith(s)
         return text if ok else None
-    (_, p1, s1), (_, p2, s2) = x, y
+    (_, p1, s1, _), (_, p2, s2, _) = x, y
     p = p1 if len(p1) >= len(p2) else p2
     s = s1 if len(s1) >= len(s2) else s2
     if not (p.startswith(p1) and p.startswith(p2) and s.endswith(s1) and s.endswith(s2)):
@@ -279,37 +323,110 @@ def overlap(a: Template, b: Template) -> str | None:
     return None  # pragma: no cover (widest matched)
 
 
-def overlapping_pairs(templates: list[Template]) -> Iterator[tuple[int, int, str]]:
-    """Every (i, j, example) with i < j whose templates share a name, in order of j, i.
+def first_overlaps(templates: list[Template]) -> Iterator[tuple[int, int, str]]:
+    """For each template ``j`` that shares a name with an earlier one: (the first such
+    ``i``, ``j``, a name both produce), in order of ``j``.
 
-    Two templates can only share a name if their literal prefixes are prefixes of one
-    another and their literal suffixes suffixes of one another: templates are indexed by
-    prefix, then suffix, so each finds its few candidates by lookups instead of comparing
-    itself with all others; the exact ``overlap`` decides each candidate.
+    Instead of comparing every pair, each template takes its candidates from whichever
+    of three indexes of necessary conditions gives the fewest: the literal text names
+    start and end with (prefixes must be prefixes of one another, suffixes suffixes),
+    literal components at fixed positions (``{a}/m1/{b}`` and ``{a}/m2/{b}`` differ in
+    the middle), and the number of components. Cheap checks of all three conditions,
+    then the exact ``overlap``, decide each candidate, earliest first.
     """
-    by_prefix: dict[str, _SuffixIndex] = {}
-    for i, t in enumerate(templates):
-        by_prefix.setdefault(t.prefix, _SuffixIndex()).add(t.suffix, i)
-    for index in by_prefix.values():
-        index.freeze()
-    prefix_lengths = sorted({len(p) for p in by_prefix})
-    pairs: set[tuple[int, int]] = set()
-    for i, t in enumerate(templates):
-        for k in prefix_lengths:
+    shapes = [t.shape for t in templates]
+    by_text = _TextIndex(templates)
+    by_position = _PositionIndex(shapes)
+    by_length = _LengthIndex(shapes)
+    for j, t in enumerate(templates):
+        cost, lists = min(by_position.candidates(j), by_length.candidates(j))
+        found: list[int | None] = []
+        for k in by_text.candidates(t):
+            found.append(k)
+            if len(found) > min(cost, _TEXT_PROBE):
+                break
+        else:
+            lists = [sorted(k for k in found if k is not None)]
+        low, high = by_length.bounds[j]
+        last = -1
+        # Earliest first, and only as far as the first overlap: the lists are sorted.
+        for i in heapq.merge(*lists):
+            if i >= j:
+                break
+            if i == last:
+                continue
+            last = i
+            u = templates[i]
+            if by_length.bounds[i][0] > high or low > by_length.bounds[i][1]:
+                continue
+            if not (t.prefix.startswith(u.prefix) or u.prefix.startswith(t.prefix)):
+                continue
+            if not (t.suffix.endswith(u.suffix) or u.suffix.endswith(t.suffix)):
+                continue
+            example = overlap(u, t)
+            if example is not None:
+                yield i, j, example
+                break
+
+
+class _LengthIndex:
+    """Templates by how many components their names have."""
+
+    def __init__(self, shapes: list[Shape]) -> None:
+        # (fewest, most) components of the names each produces
+        self.bounds = [
+            (s.min_length, len(s.head) if s.path is None else _UNBOUNDED) for s in shapes
+        ]
+        self.exact: dict[int, list[int]] = {}
+        self.paths: dict[int, list[int]] = {}  # by their fewest
+        for i, s in enumerate(shapes):
+            (self.exact if s.path is None else self.paths).setdefault(s.min_length, []).append(i)
+
+    def candidates(self, i: int) -> tuple[int, list[list[int]]]:
+        """(how many, sorted lists of which) templates can have as many components."""
+        low, high = self.bounds[i]
+        lists = [ids for n, ids in self.paths.items() if n <= high]
+        if high == _UNBOUNDED:
+            lists += [ids for n, ids in self.exact.items() if n >= low]
+        else:
+            lists.append(self.exact.get(low, []))
+        return sum(map(len, lists)), lists
+
+
+_UNBOUNDED = 1 << 30
+# How many text-index candidates to look at before settling for another index's.
+_TEXT_PROBE = 64
+
+
+class _TextIndex:
+    """Templates by the literal text their names start with, then end with."""
+
+    def __init__(self, templates: list[Template]) -> None:
+        self.by_prefix: dict[str, _SuffixIndex] = {}
+        for i, t in enumerate(templates):
+            self.by_prefix.setdefault(t.prefix, _SuffixIndex()).add(t.suffix, i)
+        for index in self.by_prefix.values():
+            index.freeze()
+        self.prefix_lengths = sorted({len(p) for p in self.by_prefix})
+        self.prefixes = sorted(self.by_prefix)
+
+    def candidates(self, t: Template) -> Iterator[int | None]:
+        """Those whose prefix starts, or is started by, ``t``'s and whose suffix ends, or
+        is ended by, ``t``'s; None for each group looked at, so that a caller can stop
+        after a given amount of work even when the groups are empty."""
+        for k in self.prefix_lengths:  # prefixes of t's, itself included
             if k > len(t.prefix):
                 break
-            index = by_prefix.get(t.prefix[:k])
+            index = self.by_prefix.get(t.prefix[:k])
             if index is not None:
-                for j in index.compatible(t.suffix):
-                    if j != i:
-                        pairs.add((min(i, j), max(i, j)))
-    for i, j in sorted(pairs, key=lambda p: (p[1], p[0])):
-        a, b = templates[i].shape, templates[j].shape
-        if a.path is None and b.path is None and len(a.head) != len(b.head):
-            continue
-        example = overlap(templates[i], templates[j])
-        if example is not None:
-            yield i, j, example
+                yield None
+                yield from index.compatible(t.suffix)
+        start = bisect.bisect_right(self.prefixes, t.prefix)  # longer ones starting with it
+        for prefix in self.prefixes[start:]:
+            if not prefix.startswith(t.prefix):
+                break
+            yield None
+            yield from self.by_prefix[prefix].compatible(t.suffix)
 
 
 _AFTER_EVERY_INDEX = float("inf")
@@ -341,6 +458,61 @@ class _SuffixIndex:
             if not rev.startswith(key):
                 break
             yield i
+
+
+class _PositionIndex:
+    """Templates by their literal components, counted from the front and from the back.
+
+    Two templates can only share a name if, at every position both fix with a literal
+    component, the literals are equal. A position where a template has a placeholder
+    (or its {x:path} may lie) is "open": it is a candidate for every literal there.
+    """
+
+    def __init__(self, shapes: list[Shape]) -> None:
+        self.shapes = shapes
+        # side ("front" or "back") -> position -> literal -> indices
+        self.literals: dict[str, dict[int, dict[str, list[int]]]] = {"front": {}, "back": {}}
+        # side -> position -> indices with a placeholder at that position
+        self.open: dict[str, dict[int, list[int]]] = {"front": {}, "back": {}}
+        # side -> k -> templates with a {x:path} k components from that end: open at k
+        # and at every position beyond it
+        self.paths: dict[str, dict[int, list[int]]] = {"front": {}, "back": {}}
+        for i, shape in enumerate(shapes):
+            for side, fixed in self._fixed(shape).items():
+                for pos, component in enumerate(fixed):
+                    if component[0] == "lit":
+                        where = self.literals[side].setdefault(pos, {})
+                        where.setdefault(component[1], []).append(i)
+                    else:
+                        self.open[side].setdefault(pos, []).append(i)
+                if shape.path is not None:
+                    self.paths[side].setdefault(len(fixed), []).append(i)
+
+    @staticmethod
+    def _fixed(shape: Shape) -> dict[str, tuple[Component, ...]]:
+        """The components each end fixes: a template without a path fixes all from both."""
+        if shape.path is None:
+            return {"front": shape.head, "back": shape.head[::-1]}
+        return {"front": shape.head, "back": shape.tail[::-1]}
+
+    def _at(self, side: str, pos: int, literal: str) -> list[list[int]]:
+        lists = [self.literals[side].get(pos, {}).get(literal, []), self.open[side].get(pos, [])]
+        lists += [ids for k, ids in self.paths[side].items() if k <= pos]
+        return lists
+
+    def candidates(self, i: int) -> tuple[int, list[list[int]]]:
+        """(how many, sorted lists of which) templates agree with template ``i`` at its
+        most selective literal component; every template when it has none."""
+        best: list[list[int]] | None = None
+        for side, fixed in self._fixed(self.shapes[i]).items():
+            for pos, component in enumerate(fixed):
+                if component[0] == "lit":
+                    lists = self._at(side, pos, component[1])
+                    if best is None or sum(map(len, lists)) < sum(map(len, best)):
+                        best = lists
+        if best is None:
+            return len(self.shapes), [list(range(len(self.shapes)))]
+        return sum(map(len, best)), best
 
 
 # --- the slow exact reference: a product-automaton search -------------------------
@@ -413,22 +585,31 @@ def common_name(a: Template, b: Template) -> str | None:
 
 
 class TemplateIndex:
-    """Templates in order, each indexed by the longer of its literal prefix and suffix,
-    so matching a name tries only the few templates that can match it, however many
-    there are (placeholder-first templates such as ``{x}.mirror`` included)."""
+    """Templates in order, each indexed by its longest literal: the text its names start
+    with, the text they end with, or a literal component at a fixed position from the
+    front or the back. Matching a name then tries only the few templates that can match
+    it, however many there are (``{x}.mirror`` and ``{a}/m1/{b}`` included)."""
 
     def __init__(self, templates: list[Template]) -> None:
         self.templates = tuple(templates)
-        self.patterns = tuple(re.compile(t.pattern()) for t in templates)
         prefixes: dict[int, dict[str, list[int]]] = {}
         suffixes: dict[int, dict[str, list[int]]] = {}
+        front: dict[int, dict[str, list[int]]] = {}
+        back: dict[int, dict[str, list[int]]] = {}
         for i, t in enumerate(templates):
-            if len(t.suffix) > len(t.prefix):
-                suffixes.setdefault(len(t.suffix), {}).setdefault(t.suffix, []).append(i)
-            else:
-                prefixes.setdefault(len(t.prefix), {}).setdefault(t.prefix, []).append(i)
+            keys = [(len(t.prefix), prefixes, len(t.prefix), t.prefix)]
+            keys.append((len(t.suffix), suffixes, len(t.suffix), t.suffix))
+            for side, fixed in _PositionIndex._fixed(t.shape).items():
+                for pos, c in enumerate(fixed):
+                    if c[0] == "lit":
+                        keys.append((len(c[1]), front if side == "front" else back, pos, c[1]))
+            # Longest first; on a tie the prefix (listed first), which every lookup tries.
+            _, table, where, key = max(keys, key=lambda k: k[0])
+            table.setdefault(where, {}).setdefault(key, []).append(i)
         self.prefixes = tuple(prefixes.items())
         self.suffixes = tuple(suffixes.items())
+        self.front = tuple(front.items())
+        self.back = tuple(back.items())
 
     def matches(self, name: str) -> Iterator[tuple[int, dict[str, str]]]:
         """(index, placeholder values) of every template that produces ``name``, in order."""
@@ -440,10 +621,18 @@ class TemplateIndex:
         for length, table in self.suffixes:
             if length <= n:
                 candidates += table.get(name[n - length :], ())
+        if self.front or self.back:
+            components = name.split("/")
+            for pos, table in self.front:
+                if pos < len(components):
+                    candidates += table.get(components[pos], ())
+            for pos, table in self.back:
+                if pos < len(components):
+                    candidates += table.get(components[-1 - pos], ())
         for i in sorted(candidates):
-            m = self.patterns[i].fullmatch(name)
-            if m is not None:
-                yield i, m.groupdict()
+            values = self.templates[i].match(name)
+            if values is not None:
+                yield i, values
 
     def first(self, name: str) -> tuple[int, dict[str, str]] | None:
         return next(self.matches(name), None)
