@@ -569,12 +569,12 @@ class RegistryRewrite:
     # --- responses ----------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        _redact_credentials(flow)
-        if flow.metadata.get("registry_answered") or flow.response is None:
-            return
-        if flow.metadata.get("registry_decision") != "mapped" or not flow.live:
-            return  # (a flow loaded from a file was rewritten when it was live)
         try:
+            _redact_credentials(flow)
+            if flow.metadata.get("registry_answered") or flow.response is None:
+                return
+            if flow.metadata.get("registry_decision") != "mapped" or not flow.live:
+                return  # (a flow loaded from a file was rewritten when it was live)
             self._responseheaders(flow)
         except Exception as e:  # noqa: BLE001 - fail closed, whatever went wrong
             self._fail(flow, "responseheaders", e)
@@ -661,6 +661,9 @@ class RegistryRewrite:
             flow.metadata["registry_kept_manifest"] = True
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("registry_decision") == "mapped":
+            # mitmproxy answers the client itself (upstream unreachable, reset, a cap).
+            flow.metadata["registry_decision"] = "error"
         _redact_credentials(flow)
         _show_client_request(flow)
 
@@ -675,11 +678,13 @@ class RegistryRewrite:
 
     async def _response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if resp is None or flow.metadata.get("registry_answered") or not flow.live:
+        if resp is None or not flow.live:
             return
         if "registry_failed" in flow.metadata:
             # responseheaders failed on a response without a body: it never goes out.
             _fail_response(flow, flow.metadata["registry_failed"])
+            return
+        if flow.metadata.get("registry_answered"):
             return
         kind = flow.metadata.get("registry_rewrite")
         if resp.stream or kind is None:
