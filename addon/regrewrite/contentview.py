@@ -577,7 +577,7 @@ def describe_rules(
             if mirror_of:
                 lines.append(f"{prefix} mirror of: {', '.join(mirror_of)}")
             credentials = getattr(up, "credentials", None)
-            if credentials is not None:
+            if credentials is not None and credentials.mode == "account":
                 lines.append(f"{prefix} credentials: user {credentials.username} (password hidden)")
         lines += _realm_lines(prefix, up.realm, up.service, *learned.get(key, (None, None)))
     lines.append("rules (the first that matches maps a name, both ways):")
