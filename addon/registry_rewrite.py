@@ -21,6 +21,8 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.net.http.http1 import assemble_response
 
 from regrewrite import api, auth, realm
+from regrewrite.addons.health import Health
+from regrewrite.addons.trusted import TrustedProxies
 from regrewrite.api import Origin
 from regrewrite.contentview import (
     RegistryContentview,
@@ -348,7 +350,7 @@ class RegistryRewrite:
         return found
 
     def _public(self, flow: http.HTTPFlow) -> Origin:
-        return self.public or _client_origin(flow)
+        return self.public or flow.metadata.get("registry_public") or _client_origin(flow)
 
     def _catalog_request(self, flow: http.HTTPFlow, rules: Rules, query: str) -> None:
         last = api.query_value(query, "last")
@@ -843,4 +845,6 @@ def _stamp(path: str) -> tuple[float, int] | None:
     return st.st_mtime, st.st_size
 
 
-addons = [RegistryRewrite()]
+# Health answers /livez and /readyz and TrustedProxies reads forwarding headers before
+# the core drops them; both must come first.
+addons = [Health(), TrustedProxies(), RegistryRewrite()]
