@@ -21,7 +21,9 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.net.http.http1 import assemble_response
 
 from regrewrite import api, auth, realm
+from regrewrite.addons.accesslog import AccessLog
 from regrewrite.addons.health import Health
+from regrewrite.addons.metrics import Metrics
 from regrewrite.addons.trusted import TrustedProxies
 from regrewrite.api import Origin
 from regrewrite.contentview import (
@@ -48,6 +50,7 @@ class RegistryRewrite:
         self.rules = Rules()
         self.rules_file: str | None = None
         self.rules_stamp: tuple[float, int] | None = None
+        self.reloads = {"ok": 0, "error": 0}  # rules file reloads, read by the metrics
         self.public: Origin | None = None
         self.tls = realm.tls_context(False, None, None)
         # Each upstream's token endpoint and service, learned from its challenges,
@@ -205,7 +208,9 @@ class RegistryRewrite:
             rules = load_rules(self.rules_file)
         except RulesError as e:
             logger.error(f"registry: {e} (the previous rules stay in force)")
+            self.reloads["error"] += 1
             return
+        self.reloads["ok"] += 1
         self.rules = rules
         self.cursors.clear()
         logger.info(f"registry: reloaded {len(rules.names.rules)} rules from {self.rules_file}")
@@ -847,4 +852,5 @@ def _stamp(path: str) -> tuple[float, int] | None:
 
 # Health answers /livez and /readyz and TrustedProxies reads forwarding headers before
 # the core drops them; both must come first.
-addons = [Health(), TrustedProxies(), RegistryRewrite()]
+# Metrics and AccessLog read what the core decided, so they come after it.
+addons = [Health(), TrustedProxies(), RegistryRewrite(), Metrics(), AccessLog()]
