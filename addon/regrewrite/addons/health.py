@@ -62,23 +62,34 @@ class Health:
         self.probes: dict[str, Probe] = {}  # by upstream url
         self.round: asyncio.Task | None = None
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
+        # Not a coroutine function: mitmproxy awaits what a hook returns only when it is
+        # awaitable, so every other request pays one cheap check, not a coroutine.
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         path = flow.request.path.partition("?")[0]
         if path not in PATHS:
-            return
+            return None
         flow.metadata["registry_answered"] = True
         flow.metadata["registry_endpoint"] = "other"
         flow.metadata["registry_decision"] = "answered"
         if flow.request.method not in ("GET", "HEAD"):
             self._answer(flow, 405, api.registry_error("UNSUPPORTED", message="GET or HEAD"))
             flow.response.headers["Allow"] = "GET, HEAD"
-            return
+            return None
         if path == "/livez":
             self._answer(flow, 200, b'{"status":"ok"}')
-            return
-        problems = await self.readiness()
+            return None
+        return self._readyz(flow)
+
+    async def _readyz(self, flow: http.HTTPFlow) -> None:
+        try:
+            problems = await self.readiness()
+        except Exception:
+            # Fail closed: answered here whatever happens, never left to the core, which
+            # would forward it under `unmatched: pass`.
+            logger.exception("registry: /readyz failed")
+            problems = [{"problem": "internal error"}]
         if problems:
             body = api.registry_error("UNAVAILABLE", problems, "not ready")
             flow.metadata["registry_error_code"] = "UNAVAILABLE"
