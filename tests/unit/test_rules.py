@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from regrewrite.contentview import describe_rules
 from regrewrite.names import ACTIONS
 from regrewrite.rules import (
     Credentials,
@@ -141,6 +142,14 @@ def test_docker_hub_mapping_loads_and_maps_both_ways():
     assert alias.earlier.startswith("upstreams.hub rule 1 ")
     assert alias.later.startswith("upstreams.hub rule 2 ")
     assert alias.example.startswith("library/")
+
+
+def test_registry_rules_shows_the_aliases():
+    text = describe_rules(parse_rules(HUB), "rules.yaml", None, None)
+    assert (
+        "upstreams.hub rule 2 (hub/{org}/{name} -> {org}/{name}) is an alias of "
+        "upstreams.hub rule 1 (hub/{name} -> library/{name}) for e.g. library/"
+    ) in text
 
 
 def test_an_alias_gets_no_more_actions_than_the_rule_names_map_back_through():
