@@ -159,6 +159,13 @@ def test_an_alias_gets_no_more_actions_than_the_rule_names_map_back_through():
     assert rules.route("hub/nginx").actions == PULL
     assert rules.route("hub/library/nginx").actions == PULL  # not rule 2's push
     assert rules.route("hub/bitnami/redis").actions == ACTIONS
+    # Rights never add up: an alias of a pull-only name through a push-only rule has none.
+    rules = parse_rules(
+        HUB.replace('"library/{name}"\n', '"library/{name}"\n        actions: [pull]\n').replace(
+            '"{org}/{name}"\n', '"{org}/{name}"\n        actions: [push]\n'
+        )
+    )
+    assert rules.route("hub/library/nginx").actions == frozenset()
 
 
 def test_a_name_maps_back_through_the_first_rule_whose_client_name_reaches_it():
@@ -203,6 +210,43 @@ def test_every_reachable_upstream_name_maps_back_to_a_name_that_reaches_it(names
             client = rules.client_name(route.name, route.registry)
             assert client is not None
             assert rules.route(client)[:2] == route[:2]
+
+
+POOL = [
+    ("team/{r:path}", "acme_team/{r:path}", "[pull, push]"),
+    ("{name}", "library/{name}", "[pull]"),
+    ("hub/{name}", "library/{name}", "[pull, delete]"),
+    ("hub/{org}/{name}", "{org}/{name}", "[push, pull]"),
+    ("{a}/{b}", "flat_{a}/x-{b}", "[pull]"),
+    ("{ns}/{r:path}", "{ns}/{r:path}", "[pull, push, delete]"),
+    ("x/{n}", "elsewhere/{n}", "[pull]"),
+    ("{a}/{n}", "lib/{a}/{n}", "[push]"),
+    ("y/{a}/{n}", "lib/{a}/{n}", "[pull]"),
+    ("{x}.m/{r:path}", "m/{x}/{r:path}", "[delete]"),
+]
+_names = st.lists(st.sampled_from(["a", "b", "x", "y", "hub", "team", "library", "m", "z.m"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.permutations(POOL), st.integers(1, len(POOL)), st.lists(_names.map("/".join)))
+def test_routes_and_client_names_agree_for_any_rules(pool, count, names):
+    """Whatever the rules and their order: a routed name's upstream name has a client name
+    that routes to it again, and that one allows at least what the routed name allows."""
+    rules = parse_rules(
+        "rules:\n"
+        + "".join(
+            f"  - {{client: '{c}', upstream: '{u}', actions: {a}}}\n" for c, u, a in pool[:count]
+        )
+    )
+    for name in names:
+        route = rules.route(name)
+        if route is None:
+            continue
+        client = rules.client_name(route.name, route.registry)
+        assert client is not None, (name, route)
+        back = rules.route(client)
+        assert back[:2] == route[:2], (name, client)
+        assert route.actions <= back.actions, (name, client)
 
 
 # --- actions ----------------------------------------------------------------------------
