@@ -3,9 +3,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from regrewrite import rules as rules_module
 from regrewrite.contentview import describe_rules
 from regrewrite.names import ACTIONS
 from regrewrite.rules import (
@@ -496,13 +498,19 @@ def test_bad_rules_name_file_line_and_problem(text, line, message):
         assert msg.startswith(f"my-rules.yaml:{line}:"), msg
 
 
-def test_unclosed_quote_is_reported_where_it_opens():
+@pytest.mark.parametrize("loader", ["CSafeLoader", "SafeLoader"])
+def test_unclosed_quote_is_reported_where_it_opens(loader, monkeypatch):
+    # libyaml's parser when PyYAML has it, else PyYAML's own: the same lines either way.
+    monkeypatch.setattr(rules_module, "_LOADER", getattr(yaml, loader))
     text = "unmatched: deny\nrules:\n  - client: a\n    upstream: 'b\n  - client: c\n"
     with pytest.raises(RulesError) as e:
         parse_rules(text, "rules.yaml")
-    assert str(e.value).startswith("rules.yaml:4: not valid YAML: while scanning a quoted"), str(
-        e.value
-    )
+    assert str(e.value).startswith(
+        "rules.yaml:4: not valid YAML: while scanning a quoted scalar: found unexpected end "
+        "of stream (at line 6)"
+    ), str(e.value)
+    with pytest.raises(RulesError, match=r"^rules.yaml:2: not valid YAML: .* \(at line 3\)"):
+        parse_rules("rules:\n  - client: a\n   upstream: b\n", "rules.yaml")
 
 
 def test_unreadable_file_is_named(tmp_path):
