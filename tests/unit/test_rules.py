@@ -1,4 +1,3 @@
-import os
 import threading
 from pathlib import Path
 
@@ -554,14 +553,14 @@ def test_any_templates_give_rules_or_a_rules_error(rules):
         parsed.resolve(c.replace("{", "").replace("}", "").replace(":", ""))
 
 
-def test_rules_load_in_parallel_threads():
+def test_rules_load_in_parallel_threads(monkeypatch):
     # Reload runs in a worker thread: loading shares no mutable state.
     texts = [
         HUB,
         MIRROR,
         ACCOUNT.format(actions="[push]").replace("upstream:\n  cred", "x:\n  cred"),
     ]
-    os.environ.setdefault("RULES_TEST_SECRET", "x")
+    monkeypatch.setenv("RULES_TEST_SECRET", "x")
     results: list = []
 
     def load(text):
