@@ -93,6 +93,15 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _target(flow: http.HTTPFlow) -> str:
+    """The request's path; for a token request, the token service's URL, which the core
+    put in place of the client's path."""
+    req = flow.request
+    if flow.metadata.get("registry_endpoint") == "token" or flow.metadata.get("registry_token"):
+        return req.url  # (format_line drops the query)
+    return req.path
+
+
 def own_error_code(response: http.Response) -> str | None:
     """The code of a registry JSON error the proxy made itself (until the core sets
     ``registry_error_code``)."""
@@ -133,9 +142,7 @@ class DecisionLog:
         code = metadata.get("registry_error_code")
         if code is None and decision in ("denied", "error"):
             code = own_error_code(resp)
-        line = format_line(
-            decision, flow.request.method, flow.request.path, status, code, flow.comment
-        )
+        line = format_line(decision, flow.request.method, _target(flow), status, code, flow.comment)
         if decision == "error":
             logger.warning(line)
         else:
@@ -151,7 +158,7 @@ class DecisionLog:
         line = format_line(
             "error",
             flow.request.method,
-            flow.request.path,
+            _target(flow),
             "no response",
             None,
             f"{flow.error.msg} · {flow.comment}" if flow.comment else flow.error.msg,
