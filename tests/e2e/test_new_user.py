@@ -31,7 +31,7 @@ from tests.e2e.proxycheck import (
     client_transports,
     push_image_raw,
 )
-from tests.e2e.upstream import ALICE, REPO_ROOT, _Service, free_port
+from tests.e2e.upstream import ALICE, REPO_ROOT, SkopeoError, _Service, free_port
 
 README = REPO_ROOT / "README.md"
 EXAMPLE_HOST = "registry.example.com"  # the proxy's name in the README's examples
@@ -289,3 +289,65 @@ upstreams:
     seen = client_transports(p)
     assert ("https", "HEAD", f"/v2/library/{name}/manifests/1") in seen, seen
     assert f"library/{name}" in registry.repositories_seen(since_mark=True)
+
+
+# --------------------------------------------------------------------------------------
+# Robot accounts: the proxy's own credentials give anyone pull, and push only by rule
+# --------------------------------------------------------------------------------------
+
+ROBOT_PASSWORD_ENV = "E2E_ROBOT_PASSWORD"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="until `actions:` and the robot-account pull-only default (branch rules) are "
+    "enforced by the core: today anyone pushes through the robot account (issue 15 item 2)",
+)
+def test_anonymous_client_cannot_push_through_a_robot_account(
+    proxy, registry, token_server, skopeo, make_image, unique, http_client, monkeypatch
+):
+    # alice may push library/* and acme_team/*: the robot account could push both.
+    monkeypatch.setenv(ROBOT_PASSWORD_ENV, ALICE[1])
+    p = proxy(
+        f"""
+unmatched: deny
+rules:
+  - client: "team/{{r:path}}"
+    upstream: "acme_team/{{r:path}}"
+upstreams:
+  robot:
+    url: {registry.url}
+    credentials:
+      username: {ALICE[0]}
+      password_env: {ROBOT_PASSWORD_ENV}
+    rules:
+      - client: "robot/{{r:path}}"            # no actions: pull only, by default
+        upstream: "library/{{r:path}}"
+      - client: "robotrw/{{r:path}}"
+        upstream: "acme_team/robotrw/{{r:path}}"
+        actions: [pull, push]
+"""
+    )
+    image = make_image(layers=1, layer_size=10_000)
+    direct = http_client(registry.url, ALICE)
+    push_image_raw(direct, f"library/robot-{unique}", image, "1")
+
+    # Anyone pulls through the robot account.
+    pulled = skopeo.inspect(f"docker://{p.host}/robot/robot-{unique}:1", anonymous=True,
+                            tls_verify=False, raw=True)  # fmt: skip
+    assert pulled == image.manifest_bytes
+
+    # Nobody pushes through it where no rule grants push: refused, nothing upstream.
+    token_server.clear_requests()
+    with pytest.raises(SkopeoError):
+        skopeo.copy(image.ref, f"docker://{p.host}/robot/robot-{unique}:2",
+                    dest_anonymous=True, tls_verify=False)  # fmt: skip
+    assert direct.request("GET", f"/v2/library/robot-{unique}/manifests/2").status == 404
+    asked = [s for r in token_server.requests() for s in r.scopes]
+    assert not [s for s in asked if "push" in s or "delete" in s or "*" in s], asked
+
+    # A rule that grants push lets anyone push, with the robot's rights.
+    skopeo.copy(image.ref, f"docker://{p.host}/robotrw/app-{unique}:1",
+                dest_anonymous=True, tls_verify=False)  # fmt: skip
+    up = f"acme_team/robotrw/app-{unique}"
+    assert fetch_manifest(direct, up, "1").digest == image.digest
