@@ -115,6 +115,9 @@ def own_error_code(response: http.Response) -> str | None:
 
 
 class DecisionLog:
+    def __init__(self) -> None:
+        self.log_all = False
+
     def load(self, loader):
         loader.add_option(
             "registry_log_comments",
@@ -123,6 +126,10 @@ class DecisionLog:
             "Log every flow's comment (the whole mapping trail). By default only flows the "
             "proxy refused, answered or failed itself, and failed authorisations, are logged.",
         )
+
+    def configure(self, updated):
+        if "registry_log_comments" in updated:
+            self.log_all = ctx.options.registry_log_comments
 
     def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
@@ -133,11 +140,15 @@ class DecisionLog:
         decision = decision_of(metadata, status)
         if decision is None:
             return  # not a flow the registry addon saw
-        own = decision in OWN_DECISIONS
-        failed = not own and auth_failed(
-            status, "authorization" in flow.request.headers, flow.marked
-        )
-        if not (own or failed or ctx.options.registry_log_comments):
+        # Most flows are mapped 2xx/3xx: decided without touching headers or body.
+        if not (
+            decision in OWN_DECISIONS
+            or self.log_all
+            or (
+                status in (401, 403)
+                and auth_failed(status, "authorization" in flow.request.headers, flow.marked)
+            )
+        ):
             return
         code = metadata.get("registry_error_code")
         if code is None and decision in ("denied", "error"):
