@@ -258,7 +258,8 @@ def test_readme_hosts_toml_server_form_with_ca(
 def test_readme_hosts_toml_mirror_form_with_ca(
     containerd, registry, proxy, ca, skopeo, make_image, unique
 ):
-    # The test registry stands in for Docker Hub: an upstream that mirrors docker.io.
+    # The test registry stands in for Docker Hub: an upstream that mirrors docker.io,
+    # pulled from anonymously (the registry lets anyone pull acme_team/public*).
     rules = f"""
 unmatched: deny
 rules:
@@ -269,26 +270,26 @@ upstreams:
     url: {registry.url}
     mirror_of: docker.io
     rules:
-      - client: "hub/{{name}}"
-        upstream: "library/{{name}}"
+      - client: "hub/{{r:path}}"
+        upstream: "acme_team/{{r:path}}"
 """
     p = proxy(rules, tls=True, extra_args=TRANSPORT_PROBE)
     path = containerd.hosts_dir / "docker.io" / "hosts.toml"
     path.parent.mkdir(parents=True)
     toml = _hosts_toml('server = "https://registry-1.docker.io"', p.host, ca.ca_pem)
     path.write_text(toml)
-    name = f"mirror-{unique}"
+    name = f"acme_team/public-mirror-{unique}"
     image = make_image(layers=1, layer_size=20_000)
-    skopeo.copy(image.ref, f"docker://{registry.host}/library/{name}:1", dest_creds=ALICE)
+    skopeo.copy(image.ref, f"docker://{registry.host}/{name}:1", dest_creds=ALICE)
 
     registry.mark()
-    containerd.pull(f"docker.io/library/{name}:1", user=":".join(ALICE))
-    assert containerd.image_digest(f"docker.io/library/{name}:1") == image.digest
-    # It came through the proxy under Docker Hub's own names, which only the mirror hint
-    # (?ns=docker.io) routes: no top-level rule maps library/....
+    containerd.pull(f"docker.io/{name}:1")
+    assert containerd.image_digest(f"docker.io/{name}:1") == image.digest
+    # It came through the proxy under the mirrored registry's own names, which only the
+    # mirror hint (?ns=docker.io) routes: no rule has acme_team/... as a client name.
     seen = client_transports(p)
-    assert ("https", "HEAD", f"/v2/library/{name}/manifests/1") in seen, seen
-    assert f"library/{name}" in registry.repositories_seen(since_mark=True)
+    assert ("https", "HEAD", f"/v2/{name}/manifests/1") in seen, seen
+    assert name in registry.repositories_seen(since_mark=True)
 
 
 # --------------------------------------------------------------------------------------

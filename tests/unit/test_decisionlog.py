@@ -168,21 +168,6 @@ def test_no_query_header_or_body_reaches_the_line(dctx, log, caplog):
     assert secret not in caplog.text
 
 
-def test_token_flow_names_the_token_service_it_went_to(dctx, log, caplog):
-    f = make_flow(
-        "/token?scope=repository%3Aacme_team%2Fapp%3Apull&account=alice",
-        status=200,
-        metadata={"registry_decision": "answered", "registry_endpoint": "token"},
-    )
-    f.request.host, f.request.port = "auth.upstream.test", 8443
-    f.comment = "token: 1 scope mapped"
-    with caplog.at_level(logging.INFO):
-        log.response(f)
-    assert lines(caplog) == [
-        "registry: answered GET https://auth.upstream.test:8443/token -> 200: token: 1 scope mapped"
-    ]
-
-
 def test_line_is_one_line_and_bounded():
     line = format_line(
         "denied", "GET", "/v2/" + "a" * 5000, 400, "NAME_INVALID", "x\ny\x1b[31m" * 1000

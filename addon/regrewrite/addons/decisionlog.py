@@ -21,7 +21,6 @@ no header, query or body, so never a credential or token.
 
 from __future__ import annotations
 
-import json
 import logging
 
 from mitmproxy import ctx, http
@@ -33,23 +32,6 @@ OWN_DECISIONS = frozenset(("denied", "answered", "error"))
 # Bounds for one line: paths and comments are client-influenced and may be long.
 PATH_LIMIT = 256
 COMMENT_LIMIT = 1024
-# Our own JSON errors are a few hundred bytes; read the code only from a body that small.
-_OWN_ERROR_BODY_LIMIT = 4096
-
-
-def decision_of(metadata: dict, status: int | None) -> str | None:
-    """The core's decision for a flow: "mapped", "denied", "answered" or "error"."""
-    decision = metadata.get("registry_decision")
-    if decision:
-        return decision
-    # Until the core sets registry_decision, its older keys say the same.
-    if metadata.get("registry_refused"):
-        return "error" if status is not None and status >= 500 else "denied"
-    if metadata.get("registry_answered") or metadata.get("registry_token"):
-        return "answered"
-    if "registry_upstream" in metadata:
-        return "mapped"
-    return None
 
 
 def auth_failed(status: int, had_credentials: bool, marked: str) -> bool:
@@ -93,27 +75,6 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _target(flow: http.HTTPFlow) -> str:
-    """The request's path; for a token request, the token service's URL, which the core
-    put in place of the client's path."""
-    req = flow.request
-    if flow.metadata.get("registry_endpoint") == "token" or flow.metadata.get("registry_token"):
-        return req.url  # (format_line drops the query)
-    return req.path
-
-
-def own_error_code(response: http.Response) -> str | None:
-    """The code of a registry JSON error the proxy made itself (until the core sets
-    ``registry_error_code``)."""
-    content = response.raw_content
-    if not content or len(content) > _OWN_ERROR_BODY_LIMIT:
-        return None  # HEAD, streamed, or not ours
-    try:
-        return json.loads(content)["errors"][0]["code"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-
-
 class DecisionLog:
     def __init__(self) -> None:
         self.log_all = False
@@ -136,8 +97,7 @@ class DecisionLog:
         if resp is None or not flow.live:
             return
         status = resp.status_code
-        metadata = flow.metadata
-        decision = decision_of(metadata, status)
+        decision = flow.metadata.get("registry_decision")
         if decision is None:
             return  # not a flow the registry addon saw
         # Most flows are mapped 2xx/3xx: decided without touching headers or body.
@@ -150,10 +110,10 @@ class DecisionLog:
             )
         ):
             return
-        code = metadata.get("registry_error_code")
-        if code is None and decision in ("denied", "error"):
-            code = own_error_code(resp)
-        line = format_line(decision, flow.request.method, _target(flow), status, code, flow.comment)
+        code = flow.metadata.get("registry_error_code")
+        line = format_line(
+            decision, flow.request.method, flow.request.path, status, code, flow.comment
+        )
         if decision == "error":
             logger.warning(line)
         else:
@@ -164,12 +124,12 @@ class DecisionLog:
         # itself) or the client went away: say which mapping it was for.
         if not flow.live or flow.error is None:
             return
-        if decision_of(flow.metadata, None) is None:
+        if "registry_decision" not in flow.metadata:
             return
         line = format_line(
             "error",
             flow.request.method,
-            _target(flow),
+            flow.request.path,
             "no response",
             None,
             f"{flow.error.msg} · {flow.comment}" if flow.comment else flow.error.msg,
