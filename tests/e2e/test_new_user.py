@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from regrewrite.rules import load_rules
 from tests.e2e.clients import CONTAINERD_TOOLS, Containerd, require_tools
 from tests.e2e.conftest import require_tool
 from tests.e2e.images import fetch_manifest
@@ -62,6 +63,23 @@ def readme_block(heading: str, lang: str, containing: str) -> str:
 # --------------------------------------------------------------------------------------
 # The quick start: the shipped rules.yaml, the README's command, any upstream
 # --------------------------------------------------------------------------------------
+
+
+def test_shipped_rules_pin_nothing_and_their_pinning_example_loads(tmp_path):
+    shipped = (REPO_ROOT / "rules.yaml").read_text()
+    rules = load_rules(REPO_ROOT / "rules.yaml")
+    assert (rules.realm, rules.service) == (None, None)
+    assert rules.upstream_name("team/app") == "acme_team/app"
+    # Uncommented, the example block must be a valid pin.
+    example = re.search(r"^# upstream:\n(?:#   .*\n)+", shipped, re.M)
+    assert example, "rules.yaml lost its commented upstream: example"
+    pinned = tmp_path / "rules.yaml"
+    pinned.write_text(
+        shipped.replace(example.group(0), re.sub(r"^# ?", "", example.group(0), flags=re.M))
+    )
+    rules = load_rules(pinned)
+    assert rules.realm == "https://dockerauth.cn-hangzhou.aliyuncs.com/auth"
+    assert rules.service == "registry.aliyuncs.com:cn-shenzhen:26842"
 
 
 class QuickStartProxy(_Service):
