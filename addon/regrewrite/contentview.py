@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import json
 import re
@@ -323,14 +322,12 @@ def _sorted_actions(scopes: str) -> str:
 
 
 def parse_json(data: bytes) -> Any:
-    """The JSON object in ``data``, or None; cheap for anything that is not one."""
+    """The JSON object in ``data``, or None; cheap for anything that is not one.
+
+    Not cached: a cache would keep token responses (secrets) and 4 MiB manifests in
+    memory after their flows are gone; the view parses only what someone looks at."""
     if not data or len(data) > MAX_JSON or data.lstrip()[:1] != b"{":
         return None
-    return _parse_json(data)
-
-
-@functools.lru_cache(maxsize=16)
-def _parse_json(data: bytes) -> Any:
     try:
         doc = json.loads(data)
     except ValueError:

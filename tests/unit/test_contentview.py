@@ -738,7 +738,7 @@ def test_metadata_is_json_serialisable_for_flow_files():
     assert json.loads(json.dumps(info)) == info
 
 
-def test_parse_json_cache_is_not_fooled_by_equal_prefix():
+def test_parse_json_tells_documents_apart():
     a = b'{"name":"a","tags":[]}'
     b = b'{"name":"b","tags":[]}'
     assert cv.parse_json(a)["name"] == "a" and cv.parse_json(b)["name"] == "b"
