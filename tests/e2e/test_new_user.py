@@ -168,8 +168,8 @@ def test_mitmdump_log_tells_a_denial_from_an_upstream_404(
     log = quick_start.log_text()
     assert line in log, log
     # The upstream's 404 prints as mitmdump's usual flow line only (which it shortens).
-    assert f"GET {registry.url}/v2/acme_team/none{unique}/manif" in log, log
-    decided = [x for x in log.splitlines() if "registry: " in x and "/v2/acme_team/" in x]
+    assert f"GET {registry.url}/v2/team/none{unique}/manif" in log, log
+    decided = [x for x in log.splitlines() if "registry: " in x and f"/v2/team/none{unique}" in x]
     assert not decided, decided
     assert ALICE[1] not in log
 

@@ -70,7 +70,7 @@ def test_denial_is_one_info_line_with_decision_code_and_reason(dctx, log, caplog
 def test_upstream_404_of_a_mapped_flow_is_not_logged(dctx, log, caplog):
     # The same status as a denial: only the decision tells them apart.
     f = make_flow(
-        "/v2/acme_team/app/manifests/1",
+        "/v2/team/app/manifests/1",
         content=NOT_FOUND,
         metadata={"registry_decision": "mapped", "registry_client_name": "team/app"},
     )
@@ -120,7 +120,7 @@ def test_failed_authorisation_of_a_mapped_flow_is_logged(
     dctx, log, caplog, status, headers, marked, logged
 ):
     f = make_flow(
-        "/v2/acme_team/app/manifests/1",
+        "/v2/team/app/manifests/1",
         status=status,
         headers=headers,
         metadata={"registry_decision": "mapped"},
@@ -130,7 +130,7 @@ def test_failed_authorisation_of_a_mapped_flow_is_logged(
     with caplog.at_level(logging.INFO):
         log.response(f)
     expected = [
-        f"registry: mapped GET /v2/acme_team/app/manifests/1 -> {status}: team/app → "
+        f"registry: mapped GET /v2/team/app/manifests/1 -> {status}: team/app → "
         "acme_team/app · manifests GET 1 · auth: 401 insufficient_scope"
     ]
     assert lines(caplog) == (expected if logged else [])
@@ -139,7 +139,7 @@ def test_failed_authorisation_of_a_mapped_flow_is_logged(
 def test_option_logs_every_flows_comment(dctx, log, caplog):
     dctx.configure(log, registry_log_comments=True)
     f = make_flow(
-        "/v2/acme_team/app/blobs/sha256:ab", status=200, metadata={"registry_decision": "mapped"}
+        "/v2/team/app/blobs/sha256:ab", status=200, metadata={"registry_decision": "mapped"}
     )
     f.comment = "team/app → acme_team/app · blobs GET sha256:ab"
     plain = make_flow("/v2/", status=200)  # not a registry flow: no decision, no line
@@ -147,7 +147,7 @@ def test_option_logs_every_flows_comment(dctx, log, caplog):
         log.response(f)
         log.response(plain)
     assert lines(caplog) == [
-        "registry: mapped GET /v2/acme_team/app/blobs/sha256:ab -> 200: "
+        "registry: mapped GET /v2/team/app/blobs/sha256:ab -> 200: "
         "team/app → acme_team/app · blobs GET sha256:ab"
     ]
 
@@ -177,14 +177,14 @@ def test_line_is_one_line_and_bounded():
 
 
 def test_error_hook_names_the_mapping(dctx, log, caplog):
-    f = make_flow("/v2/acme_team/app/manifests/1", metadata={"registry_decision": "mapped"})
+    f = make_flow("/v2/team/app/manifests/1", metadata={"registry_decision": "mapped"})
     f.response = None
     f.error = tflow.terr("Connection refused")
     f.comment = "team/app → acme_team/app · manifests GET 1"
     with caplog.at_level(logging.INFO):
         log.error(f)
     assert lines(caplog) == [
-        "registry: error GET /v2/acme_team/app/manifests/1 -> no response: Connection refused"
+        "registry: error GET /v2/team/app/manifests/1 -> no response: Connection refused"
         " · team/app → acme_team/app · manifests GET 1"
     ]
 
