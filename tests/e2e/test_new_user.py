@@ -32,7 +32,7 @@ from tests.e2e.proxycheck import (
     client_transports,
     push_image_raw,
 )
-from tests.e2e.upstream import ALICE, REPO_ROOT, SkopeoError, _Service, free_port
+from tests.e2e.upstream import ALICE, BOB, REPO_ROOT, SkopeoError, _Service, free_port
 
 README = REPO_ROOT / "README.md"
 EXAMPLE_HOST = "registry.example.com"  # the proxy's name in the README's examples
@@ -172,6 +172,27 @@ def test_mitmdump_log_tells_a_denial_from_an_upstream_404(
     decided = [x for x in log.splitlines() if "registry: " in x and f"/v2/team/none{unique}" in x]
     assert not decided, decided
     assert ALICE[1] not in log
+
+
+def test_mitmdump_log_shows_a_failed_authorisation_but_not_the_first_challenge(
+    quick_start, http_client, unique
+):
+    # bob may pull acme_team/*, not push: the registry refuses the upload with his token.
+    client = http_client(f"http://{quick_start.host}", BOB)
+    path = f"/v2/team/bob{unique}/blobs/uploads/"
+    r = client.request("POST", path, scopes=[f"repository:team/bob{unique}:pull,push"])
+    assert r.status == 401, r
+    assert [x.status for x in client.history] == [401, 200, 401]  # challenge, token, refusal
+    line = f"registry: mapped POST {path} -> 401: team/bob{unique} → acme_team/bob{unique}"
+    deadline = time.monotonic() + 10
+    while line not in quick_start.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = [x for x in quick_start.log_text().splitlines() if f"POST {path}" in x]
+    decided = [x[x.index("registry: ") :] for x in lines if "registry: " in x]
+    # One line: the refused Bearer request, with why; the anonymous first 401 has none.
+    assert len(decided) == 1 and decided[0].startswith(line), lines
+    assert "insufficient_scope" in decided[0], decided
+    assert BOB[1] not in quick_start.log_text()
 
 
 # --------------------------------------------------------------------------------------
