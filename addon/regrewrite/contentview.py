@@ -576,15 +576,26 @@ def describe_rules(
             mirror_of = getattr(up, "mirror_of", ())
             if mirror_of:
                 lines.append(f"{prefix} mirror of: {', '.join(mirror_of)}")
-            credentials = getattr(up, "credentials", None)
-            if credentials is not None:
-                lines.append(f"{prefix} credentials: user {credentials.username} (password hidden)")
+        credentials = getattr(up, "credentials", None)
+        if credentials is not None:
+            who = {
+                "client": "the client's own",
+                "anonymous": "none (anonymous)",
+                "account": f"the proxy's account {credentials.username} (password hidden)",
+            }[credentials.mode]
+            lines.append(f"{prefix} credentials: {who}")
         lines += _realm_lines(prefix, up.realm, up.service, *learned.get(key, (None, None)))
     lines.append("rules (the first that matches maps a name, both ways):")
     for i, rule in enumerate(rules.names.rules, start=1):
         registry = getattr(rule, "registry", 0)
         via = f" @{keys[registry]}" if registry and registry < len(keys) else ""
-        lines.append(f"  {i}. {rule.client.text} → {rule.upstream.text}{via}")
+        actions = getattr(rule, "actions", None)
+        only = (
+            f" (only {', '.join(sorted(actions))})"
+            if actions is not None and actions != frozenset({"pull", "push", "delete"})
+            else ""
+        )
+        lines.append(f"  {i}. {rule.client.text} → {rule.upstream.text}{via}{only}")
     if not n:
         lines.append("  (none)")
     return "\n".join(lines)

@@ -53,10 +53,8 @@ def _as_client_name(rules: Rules, name: str, learned: dict) -> list[str]:
         return [f"as a client name: refused with {found.status} {found.code}: {found.reason}"]
     upstream = rules.upstreams[found.registry]
     realm, service = learned.get(upstream.key, (None, None))
-    rule = getattr(found, "rule", None) or (
-        f"unmatched: {rules.unmatched}" if rules.unmatched == "pass" else "a rule"
-    )
-    actions = ", ".join(sorted(decide.route_actions(rules, found)))
+    rule = found.rule or f"unmatched: {rules.unmatched}"
+    actions = ", ".join(sorted(found.actions))
     return [
         f"as a client name: {name} → {found.name} on upstream {upstream.key}, by {rule}",
         f"  upstream url: {upstream.url or 'the reverse-mode target'}",

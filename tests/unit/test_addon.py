@@ -384,7 +384,7 @@ def test_bad_rules_file_at_startup_is_logged_as_error(tctx, addon, tmp_path, cap
     bad.write_text("rules:\n  - client: '{a}'\n    upstream: 'x'\n")
     with caplog.at_level(logging.ERROR):
         tctx.configure(addon, registry_rules=str(bad))
-    assert "bad.yaml:2: rule 1: client '{a}' and upstream 'x' use different placeholders" in (
+    assert "bad.yaml:2: rule 1 ({a} -> x): client and upstream use different placeholders" in (
         caplog.text
     )
 
@@ -394,7 +394,9 @@ def test_bad_rules_file_while_running_is_an_options_error(tctx, addon, tmp_path)
     addon.started = True
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - client: '{a}'\n    upstream: 'x'\n")
-    with pytest.raises(exceptions.OptionsError, match=r"bad.yaml:2: rule 1: .*placeholders"):
+    with pytest.raises(
+        exceptions.OptionsError, match=r"bad.yaml:2: rule 1 \(\{a\} -> x\): .*placeholders"
+    ):
         tctx.configure(addon, registry_rules=str(bad))
     assert addon.rules.upstream_name("team/app") == "acme_team/app"
 
