@@ -338,11 +338,6 @@ upstreams:
 ROBOT_PASSWORD_ENV = "E2E_ROBOT_PASSWORD"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="until `actions:` and the robot-account pull-only default (branch rules) are "
-    "enforced by the core: today anyone pushes through the robot account (issue 15 item 2)",
-)
 def test_anonymous_client_cannot_push_through_a_robot_account(
     proxy, registry, token_server, skopeo, make_image, unique, http_client, monkeypatch
 ):
@@ -385,6 +380,9 @@ upstreams:
     assert direct.request("GET", f"/v2/library/robot-{unique}/manifests/2").status == 404
     asked = [s for r in token_server.requests() for s in r.scopes]
     assert not [s for s in asked if "push" in s or "delete" in s or "*" in s], asked
+    # (skopeo finds the blobs there already and goes straight to the manifest PUT)
+    refused = rf"registry: denied (POST|PUT) /v2/robot/robot-{unique}/\S+ -> 403 DENIED"
+    assert re.search(refused, p.log_text()), p.log_text()[-3000:]
 
     # A rule that grants push lets anyone push, with the robot's rights.
     skopeo.copy(image.ref, f"docker://{p.host}/robotrw/app-{unique}:1",
