@@ -31,20 +31,26 @@ def placeholder_first(i: int) -> tuple[str, str]:
     return f"c{i}/{{x}}", f"{{x}}.u{i}"
 
 
+def placeholder_then_path(i: int) -> tuple[str, str]:
+    # The literal that tells rules apart ends the first component, a path follows.
+    return f"p{i}/{{x}}/{{r:path}}", f"{{x}}.u{i}/{{r:path}}"
+
+
 def literal_middle(i: int) -> tuple[str, str]:
     # No literal at either end of the upstream name: the prefix/suffix index cannot help.
     return f"m{i}/{{a}}/{{b}}", f"{{a}}/m{i}/{{b}}"
 
 
 def mixed(i: int) -> tuple[str, str]:
-    return (literal_prefix, placeholder_first, literal_middle)[i % 3](i)
+    return (literal_prefix, placeholder_first, placeholder_then_path, literal_middle)[i % 4](i)
 
 
 SHAPES = {
     "literal-prefix  t{i}/{x:path} -> acme_t{i}/{x:path}": literal_prefix,
     "placeholder-first  c{i}/{x} -> {x}.u{i}": placeholder_first,
+    "placeholder-then-path  p{i}/{x}/{r:path} -> {x}.u{i}/{r:path}": placeholder_then_path,
     "literal-middle  m{i}/{a}/{b} -> {a}/m{i}/{b}": literal_middle,
-    "mixed (the three in turn)": mixed,
+    "mixed (the four in turn)": mixed,
 }
 
 
@@ -83,7 +89,9 @@ def main() -> None:
         load = best_of(args.repeat, lambda text=text: parse_rules(text))
         rules = parse_rules(text)
         assert len(rules.names.rules) == args.rules
-        names = [shape(i)[0].replace("{x:path}", "a/b").replace("{x}", "app") for i in range(200)]
+        names = [shape(i)[0] for i in range(200)]
+        for placeholder, value in (("{x:path}", "a/b"), ("{r:path}", "c/d"), ("{x}", "app")):
+            names = [n.replace(placeholder, value) for n in names]
         names = [n.replace("{a}", "x").replace("{b}", "y") for n in names]
         assert all(rules.route(n) is not None for n in names), "a rule does not route"
         fresh = [parse_rules(text) for _ in range(args.repeat)]
@@ -99,10 +107,10 @@ def main() -> None:
         print(json.dumps({"rules": args.rules, "shapes": results}, indent=2))
         return
     print(f"{args.rules} rules, best of {args.repeat}")
-    print(f"{'shape':58} {'load ms':>9} {'resolve us':>11} {'cached us':>10}")
+    print(f"{'shape':66} {'load ms':>9} {'resolve us':>11} {'cached us':>10}")
     for label, r in results.items():
         print(
-            f"{label:58} {r['load_ms']:9.0f} {r['resolve_uncached_us']:11.1f} "
+            f"{label:66} {r['load_ms']:9.0f} {r['resolve_uncached_us']:11.1f} "
             f"{r['resolve_cached_us']:10.2f}"
         )
 

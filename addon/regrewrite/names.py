@@ -327,26 +327,33 @@ def first_overlaps(templates: list[Template]) -> Iterator[tuple[int, int, str]]:
     """For each template ``j`` that shares a name with an earlier one: (the first such
     ``i``, ``j``, a name both produce), in order of ``j``.
 
-    Instead of comparing every pair, each template takes its candidates from whichever
-    of three indexes of necessary conditions gives the fewest: the literal text names
-    start and end with (prefixes must be prefixes of one another, suffixes suffixes),
-    literal components at fixed positions (``{a}/m1/{b}`` and ``{a}/m2/{b}`` differ in
-    the middle), and the number of components. Cheap checks of all three conditions,
-    then the exact ``overlap``, decide each candidate, earliest first.
+    Instead of comparing every pair, each template takes its candidates from the most
+    selective of several indexes of necessary conditions: the number of components; the
+    literal text names start and end with (prefixes must be prefixes of one another,
+    suffixes suffixes); and, at each position it fixes from the front or the back, the
+    literal text its component there starts and ends with (``{a}/m1/{b}`` and
+    ``{a}/m2/{b}`` differ in the middle, ``{x}.u1/{y}`` and ``{x}.u2/{y}`` at the end of
+    the first component). Cheap checks, then the exact ``overlap``, decide each
+    candidate, earliest first, up to the first that overlaps.
     """
     shapes = [t.shape for t in templates]
-    by_text = _TextIndex(templates)
-    by_position = _PositionIndex(shapes)
     by_length = _LengthIndex(shapes)
+    by_text = _AffixIndex((t.prefix, t.suffix, i) for i, t in enumerate(templates))
+    by_position = _PositionIndex(shapes)
     for j, t in enumerate(templates):
-        cost, lists = min(by_position.candidates(j), by_length.candidates(j))
-        found: list[int | None] = []
-        for k in by_text.candidates(t):
-            found.append(k)
-            if len(found) > min(cost, _TEXT_PROBE):
-                break
-        else:
-            lists = [sorted(k for k in found if k is not None)]
+        cost, lists = by_length.candidates(j)
+        probes = [(len(t.prefix) + len(t.suffix), by_text.candidates(t.prefix, t.suffix), [])]
+        probes += by_position.probes(j)
+        # The longest literals first: they usually find few candidates, and every later
+        # probe stops as soon as it would find more than the best so far.
+        probes.sort(key=lambda p: -p[0])
+        for _, candidates, always in probes:
+            extra = sum(map(len, always))
+            if extra >= cost:
+                continue
+            found = _probe(candidates, min(cost - extra, _PROBE_LIMIT))
+            if found is not None:
+                cost, lists = len(found) + extra, [found, *always]
         low, high = by_length.bounds[j]
         last = -1
         # Earliest first, and only as far as the first overlap: the lists are sorted.
@@ -367,6 +374,20 @@ def first_overlaps(templates: list[Template]) -> Iterator[tuple[int, int, str]]:
             if example is not None:
                 yield i, j, example
                 break
+
+
+def _probe(candidates: Iterator[int | None], limit: int) -> list[int] | None:
+    """The sorted candidates, or None when there are more than ``limit`` of them (or
+    finding them takes more than ``limit`` steps: a None is a step that found nothing)."""
+    found: list[int] = []
+    steps = 0
+    for k in candidates:
+        steps += 1
+        if steps > limit:
+            return None
+        if k is not None:
+            found.append(k)
+    return sorted(set(found))
 
 
 class _LengthIndex:
@@ -394,39 +415,41 @@ class _LengthIndex:
 
 
 _UNBOUNDED = 1 << 30
-# How many text-index candidates to look at before settling for another index's.
-_TEXT_PROBE = 64
+# A probe that finds more candidates than this is given up: when many templates really
+# are compatible, the first of them usually overlaps, and looking at them in order costs
+# less than counting them all.
+_PROBE_LIMIT = 128
 
 
-class _TextIndex:
-    """Templates by the literal text their names start with, then end with."""
+class _AffixIndex:
+    """Entries (prefix, suffix, index) by prefix, then suffix: finds those whose prefix
+    starts, or is started by, a given one and whose suffix ends, or is ended by, another."""
 
-    def __init__(self, templates: list[Template]) -> None:
+    def __init__(self, entries) -> None:
         self.by_prefix: dict[str, _SuffixIndex] = {}
-        for i, t in enumerate(templates):
-            self.by_prefix.setdefault(t.prefix, _SuffixIndex()).add(t.suffix, i)
+        for prefix, suffix, i in entries:
+            self.by_prefix.setdefault(prefix, _SuffixIndex()).add(suffix, i)
         for index in self.by_prefix.values():
             index.freeze()
         self.prefix_lengths = sorted({len(p) for p in self.by_prefix})
         self.prefixes = sorted(self.by_prefix)
 
-    def candidates(self, t: Template) -> Iterator[int | None]:
-        """Those whose prefix starts, or is started by, ``t``'s and whose suffix ends, or
-        is ended by, ``t``'s; None for each group looked at, so that a caller can stop
-        after a given amount of work even when the groups are empty."""
-        for k in self.prefix_lengths:  # prefixes of t's, itself included
-            if k > len(t.prefix):
+    def candidates(self, prefix: str, suffix: str) -> Iterator[int | None]:
+        """The compatible indices, and a None for each group looked at, so that a caller
+        can stop after a given amount of work even when the groups are empty."""
+        for k in self.prefix_lengths:  # prefixes of `prefix`, itself included
+            if k > len(prefix):
                 break
-            index = self.by_prefix.get(t.prefix[:k])
+            index = self.by_prefix.get(prefix[:k])
             if index is not None:
                 yield None
-                yield from index.compatible(t.suffix)
-        start = bisect.bisect_right(self.prefixes, t.prefix)  # longer ones starting with it
-        for prefix in self.prefixes[start:]:
-            if not prefix.startswith(t.prefix):
+                yield from index.compatible(suffix)
+        start = bisect.bisect_right(self.prefixes, prefix)  # longer ones starting with it
+        for longer in self.prefixes[start:]:
+            if not longer.startswith(prefix):
                 break
             yield None
-            yield from self.by_prefix[prefix].compatible(t.suffix)
+            yield from self.by_prefix[longer].compatible(suffix)
 
 
 _AFTER_EVERY_INDEX = float("inf")
@@ -460,59 +483,53 @@ class _SuffixIndex:
             yield i
 
 
-class _PositionIndex:
-    """Templates by their literal components, counted from the front and from the back.
+def _fixed(shape: Shape) -> dict[str, tuple[Component, ...]]:
+    """The components a template fixes, counted from each end: all of them from both
+    ends without a {x:path}; with one, the head (and the path's first component, which
+    starts with its prefix) from the front, the tail from the back."""
+    if shape.path is None:
+        return {"front": shape.head, "back": shape.head[::-1]}
+    first: Component = ("one", shape.path, "", shape.path_name)
+    return {"front": (*shape.head, first), "back": shape.tail[::-1]}
 
-    Two templates can only share a name if, at every position both fix with a literal
-    component, the literals are equal. A position where a template has a placeholder
-    (or its {x:path} may lie) is "open": it is a candidate for every literal there.
+
+def _affixes(c: Component) -> tuple[str, str]:
+    """The text a component starts and ends with (all of it, for a literal)."""
+    return (c[1], c[1]) if c[0] == "lit" else (c[1], c[2])
+
+
+class _PositionIndex:
+    """Templates by the text their component at each fixed position starts and ends with.
+
+    Two templates can only share a name if, at every position both fix, their components
+    there can be equal. Past the components a {x:path} template fixes, any component may
+    lie (inside its path): it is a candidate for every template at those positions.
     """
 
     def __init__(self, shapes: list[Shape]) -> None:
         self.shapes = shapes
-        # side ("front" or "back") -> position -> literal -> indices
-        self.literals: dict[str, dict[int, dict[str, list[int]]]] = {"front": {}, "back": {}}
-        # side -> position -> indices with a placeholder at that position
-        self.open: dict[str, dict[int, list[int]]] = {"front": {}, "back": {}}
-        # side -> k -> templates with a {x:path} k components from that end: open at k
-        # and at every position beyond it
+        entries: dict[tuple[str, int], list[tuple[str, str, int]]] = {}
+        # side -> k -> {x:path} templates fixing k components from that end
         self.paths: dict[str, dict[int, list[int]]] = {"front": {}, "back": {}}
         for i, shape in enumerate(shapes):
-            for side, fixed in self._fixed(shape).items():
-                for pos, component in enumerate(fixed):
-                    if component[0] == "lit":
-                        where = self.literals[side].setdefault(pos, {})
-                        where.setdefault(component[1], []).append(i)
-                    else:
-                        self.open[side].setdefault(pos, []).append(i)
+            for side, fixed in _fixed(shape).items():
+                for pos, c in enumerate(fixed):
+                    entries.setdefault((side, pos), []).append((*_affixes(c), i))
                 if shape.path is not None:
                     self.paths[side].setdefault(len(fixed), []).append(i)
+        self.at = {where: _AffixIndex(e) for where, e in entries.items()}
 
-    @staticmethod
-    def _fixed(shape: Shape) -> dict[str, tuple[Component, ...]]:
-        """The components each end fixes: a template without a path fixes all from both."""
-        if shape.path is None:
-            return {"front": shape.head, "back": shape.head[::-1]}
-        return {"front": shape.head, "back": shape.tail[::-1]}
-
-    def _at(self, side: str, pos: int, literal: str) -> list[list[int]]:
-        lists = [self.literals[side].get(pos, {}).get(literal, []), self.open[side].get(pos, [])]
-        lists += [ids for k, ids in self.paths[side].items() if k <= pos]
-        return lists
-
-    def candidates(self, i: int) -> tuple[int, list[list[int]]]:
-        """(how many, sorted lists of which) templates agree with template ``i`` at its
-        most selective literal component; every template when it has none."""
-        best: list[list[int]] | None = None
-        for side, fixed in self._fixed(self.shapes[i]).items():
-            for pos, component in enumerate(fixed):
-                if component[0] == "lit":
-                    lists = self._at(side, pos, component[1])
-                    if best is None or sum(map(len, lists)) < sum(map(len, best)):
-                        best = lists
-        if best is None:
-            return len(self.shapes), [list(range(len(self.shapes)))]
-        return sum(map(len, best)), best
+    def probes(self, i: int) -> list[tuple[int, Iterator[int | None], list[list[int]]]]:
+        """For each position template ``i`` fixes: (the length of its literals there, its
+        compatible candidates there, lazily; the {x:path} templates open there)."""
+        out = []
+        for side, fixed in _fixed(self.shapes[i]).items():
+            for pos, c in enumerate(fixed):
+                prefix, suffix = _affixes(c)
+                always = [ids for k, ids in self.paths[side].items() if k <= pos]
+                weight = len(prefix) + len(suffix)
+                out.append((weight, self.at[side, pos].candidates(prefix, suffix), always))
+        return out
 
 
 # --- the slow exact reference: a product-automaton search -------------------------
@@ -599,7 +616,7 @@ class TemplateIndex:
         for i, t in enumerate(templates):
             keys = [(len(t.prefix), prefixes, len(t.prefix), t.prefix)]
             keys.append((len(t.suffix), suffixes, len(t.suffix), t.suffix))
-            for side, fixed in _PositionIndex._fixed(t.shape).items():
+            for side, fixed in _fixed(t.shape).items():
                 for pos, c in enumerate(fixed):
                     if c[0] == "lit":
                         keys.append((len(c[1]), front if side == "front" else back, pos, c[1]))
