@@ -210,6 +210,12 @@ class Rules:
         found = self.names.forward.first(name)
         if found is None:
             if self.unmatched == "pass":
+                # A name passed as it is may also be one a rule produces (mirror/x ->
+                # vendor/x, and a client asking for vendor/x): it is an alias, and gets no
+                # more than that rule allows, or `actions: [pull]` could be sidestepped.
+                back = self._back(name, 0)
+                if back is not None and back[0] is not None:
+                    return Route(0, name, rules[back[0]].actions, None)
                 return Route(0, name, ACTIONS, None)
             return Unrouted("NAME_UNKNOWN", f"no rule for {name}")
         i, values = found

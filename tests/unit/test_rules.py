@@ -81,6 +81,13 @@ def test_first_match_wins_both_ways():
 def test_pass_routes_unmapped_names_as_they_are():
     rules = rules_of(("team/{r:path}", "acme_team/{r:path}"), extra="unmatched: pass\n")
     assert rules.resolve("other/app") == Route(0, "other/app", ACTIONS, None)
+    # acme_team/app asked for directly is an alias of team/app: it gets team/app's rights.
+    read_only = parse_rules(
+        "unmatched: pass\nrules:\n  - {client: 'team/{r:path}', upstream: 'acme/{r:path}', "
+        "actions: [pull]}\n"
+    )
+    assert read_only.resolve("acme/app") == Route(0, "acme/app", PULL, None)
+    assert read_only.resolve("other/app").actions == ACTIONS
     assert rules.upstream_name("team/app") == "acme_team/app"
     assert rules.resolve("Bad").code == "NAME_INVALID"
     assert rules.client_name("other/app") == "other/app"
@@ -230,12 +237,17 @@ _names = st.lists(st.sampled_from(["a", "b", "x", "y", "hub", "team", "library",
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.permutations(POOL), st.integers(1, len(POOL)), st.lists(_names.map("/".join)))
-def test_routes_and_client_names_agree_for_any_rules(pool, count, names):
+@given(
+    st.permutations(POOL),
+    st.integers(1, len(POOL)),
+    st.lists(_names.map("/".join)),
+    st.sampled_from(["deny", "pass"]),
+)
+def test_routes_and_client_names_agree_for_any_rules(pool, count, names, unmatched):
     """Whatever the rules and their order: a routed name's upstream name has a client name
     that routes to it again, and that one allows at least what the routed name allows."""
     rules = parse_rules(
-        "rules:\n"
+        f"unmatched: {unmatched}\nrules:\n"
         + "".join(
             f"  - {{client: '{c}', upstream: '{u}', actions: {a}}}\n" for c, u, a in pool[:count]
         )
