@@ -368,7 +368,8 @@ class RegistryRewrite:
         """A replayed flow is mapped anew, with the rules in force now: it shows (and was
         edited in) client names since it went upstream the first time."""
         meta = flow.metadata
-        for key in [k for k in meta if k.startswith("registry_")]:
+        # (registry_public is this pass's: TrustedProxies ran before the core.)
+        for key in [k for k in meta if k.startswith("registry_") and k != "registry_public"]:
             del meta[key]
         flow.comment, flow.marked = "", ""
         kept = self.replay_secrets.get(flow, {})
@@ -982,6 +983,6 @@ def _client_origin(flow: http.HTTPFlow) -> Origin:
 
 
 # Health answers /livez and /readyz and TrustedProxies reads forwarding headers before
-# the core drops them; both must come first. Metrics and AccessLog read what the core
-# decided, so they come after it.
+# the core drops them; both must come first.
+# Metrics and AccessLog read what the core decided, so they come after it.
 addons = [Health(), TrustedProxies(), RegistryRewrite(), Metrics(), AccessLog()]

@@ -203,6 +203,8 @@ def test_metrics_and_access_log_after_a_real_pull(
     assert value(samples, "registry_rewrite_bytes_total", direction="response") >= layer_bytes
     for s in samples:
         for label, text in s.labels.items():
+            if label == "le":
+                continue  # a histogram bucket bound ("1.0" is also the test's tag)
             for leak in (unique, "team", "alice", "1.0", "sha256"):
                 assert leak not in text, (s.name, label, text)
 
