@@ -8,6 +8,7 @@ Clients say `team/...`; the registry holds `acme_team/...` (proxycheck.RULES).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -59,9 +60,19 @@ def installed(tmp_path_factory) -> Path:
     the project's venv through a .pth line (no index needed for them, and the checkout's
     own editable install is not picked up: that .pth path is not a site directory)."""
     work = tmp_path_factory.mktemp("installed")
+    # From a copy of the sources: setuptools builds in the tree, and a build/ left by an
+    # earlier build would slip files into the wheel that pyproject.toml does not list.
+    source = work / "source"
+    shutil.copytree(
+        REPO_ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "tests", "bench"
+        ),
+    )
     pip = [sys.executable, "-m", "pip"]
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(REPO_ROOT)],
+        [*pip, "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(source)],
         check=True,
         timeout=300,
     )
