@@ -158,3 +158,18 @@ async def test_readyz_fails_closed(health_ctx, addon, monkeypatch):
     monkeypatch.setattr(h, "readiness", broken)
     f = await ask(h, addon, "/readyz")
     assert f.response.status_code == 503
+
+
+async def test_answered_under_pass_too(addon, tmp_path):
+    # Under `unmatched: pass` the core would forward any path outside /v2/ upstream.
+    (tmp_path / "pass.yaml").write_text(RULES.replace("deny", "pass"))
+    h = Health()
+    with taddons.context(h, addon) as tctx:
+        tctx.configure(addon, registry_rules=str(tmp_path / "pass.yaml"))
+        tctx.options.update(mode=[f"reverse:{closed_port_url()}"])
+        live = await ask(h, addon, "/livez")
+        ready = await ask(h, addon, "/readyz")
+        other = await ask(h, addon, "/metrics")
+    assert live.response.status_code == 200
+    assert ready.response.status_code == 503
+    assert other.response is None and other.request.stream  # the core forwards it
