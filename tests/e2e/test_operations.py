@@ -191,6 +191,8 @@ def test_metrics_and_access_log_after_a_real_pull(
     skopeo.copy(f"{dest}:1.0", f"oci:{tmp_path / 'pulled'}:x", src_creds=ALICE, tls_verify=False)
     denied = http_client(p.url).raw("GET", f"{p.url}/v2/nobody/{unique}/manifests/1.0")
     assert denied.status == 404
+    # Metrics are on their own listener only, not on the proxy's port.
+    assert http_client(p.url).raw("GET", f"{p.url}/metrics").status == 404
 
     samples = scrape(metrics_port)
     assert METRIC_NAMES <= {s.name for s in samples}
