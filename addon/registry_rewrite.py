@@ -698,9 +698,9 @@ class RegistryRewrite:
         try:
             rules = self.flow_rules.get(flow, self.rules)
             path = api.split_target(flow.request.path)[0]
-            content = resp.raw_content or b""
-            if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
-                content = resp.get_content(strict=True) or b""
+            content = decide.decode_body(
+                resp.raw_content or b"", resp.headers.get("Content-Encoding", "")
+            )
             args = (kind, content, path, _client_names(rules, flow))
             if len(content) > INLINE_REWRITE and self.work_pool is not None:
                 loop = asyncio.get_running_loop()

@@ -206,10 +206,10 @@ def test_error_hook_names_the_mapping(dctx, log, caplog):
 # --- with the real core in front ----------------------------------------------------
 
 
-def test_script_composes_the_decision_log_after_the_core():
+def test_script_composes_the_decision_log():
+    # After the core: it reports what the core decided.
     kinds = [type(a) for a in registry_rewrite.addons]
     assert DecisionLog in kinds
-    # It reads what the core decided, so it must run after it.
     assert kinds.index(DecisionLog) > kinds.index(registry_rewrite.RegistryRewrite)
 
 
