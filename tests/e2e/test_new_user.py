@@ -252,7 +252,7 @@ def test_readme_curl_lines_read_flows_views_and_run_commands(
             env=dict(os.environ, PATH=f"{Path(curl).parent}:{os.environ['PATH']}"),
         )
         assert proc.returncode == 0, proc.stderr
-        by_bearer, by_query, view, command = _json_documents(proc.stdout)
+        by_bearer, by_query, view, command, explain = _json_documents(proc.stdout)
         assert (
             [f["id"] for f in by_bearer] == [f["id"] for f in by_query] == [f["id"] for f in flows]
         )
@@ -261,6 +261,7 @@ def test_readme_curl_lines_read_flows_views_and_run_commands(
         assert "MANIFEST_UNKNOWN" in view["text"], view
         assert "error" not in command, command
         assert "acme_team/{r:path}" in command["value"], command
+        assert "team/app → acme_team/app" in explain.get("value", ""), explain
     finally:
         web.stop()
         if request.session.testsfailed:
