@@ -308,6 +308,7 @@ class Front:
         self.requests: list[FrontRequest] = []
         self.token_requests: list[FrontTokenRequest] = []
         self.storage_requests: list[StorageRequest] = []
+        self.redirects: list[str] = []  # every Location the registry host redirected to
         self._tickets: dict[str, _Ticket] = {}
         self._servers: list[tuple[_Server, threading.Thread]] = []
         self.port = self.auth_port = self.storage_port = 0
@@ -358,6 +359,7 @@ class Front:
             self.requests.clear()
             self.token_requests.clear()
             self.storage_requests.clear()
+            self.redirects.clear()
 
     # -- what was seen ----------------------------------------------------------------
 
@@ -667,7 +669,10 @@ class Front:
                     ("Signature", signature),
                 ]
             )
-        return f"{self.storage_url}{path}?{query}"
+        url = f"{self.storage_url}{path}?{query}"
+        with self._lock:
+            self.redirects.append(url)
+        return url
 
     def _storage(self, h: _Handler) -> None:
         parts = urllib.parse.urlsplit(h.path)

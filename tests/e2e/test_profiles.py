@@ -193,3 +193,328 @@ def test_ctr_pull_push(key, front, proxy, containerd, make_image, ca, http_clien
     assert_tokens_mapped(f, key)
     if PROFILES[key].basic_only:
         assert {r.auth for r in f.requests if r.status < 400} == {"Basic"}
+
+
+# --------------------------------------------------------------------------------------
+# Each registry's own quirks, by raw HTTP through the proxy
+# --------------------------------------------------------------------------------------
+
+
+def _seed(f: Front, http_client, up: str, image, tag: str = "v1") -> None:
+    """Push an image straight into the registry behind the front."""
+    push_image_raw(http_client(f"https://{f.registry.host}", ALICE), up, image, tag)
+
+
+def _challenge(response) -> dict[str, str]:
+    scheme, params = parse_challenge(response.header("WWW-Authenticate") or "")
+    assert scheme == "bearer", response.headers
+    return params
+
+
+def _blob_redirect(f: Front, client, repo: str, digest: str, status: int):
+    """GET a blob through the proxy: the registry's redirect reaches the client exactly as
+    sent, and nothing reached the storage host until the client followed it itself."""
+    r = client.request("GET", f"/v2/{repo}/blobs/{digest}", scopes=[f"repository:{repo}:pull"])
+    assert r.status == status, (r.status, r.body[:200])
+    assert r.header("Location") == f.redirects[-1]
+    assert f.storage_requests == [], "the proxy followed the redirect"
+    followed = client.raw("GET", r.header("Location"))  # as a client does, without credentials
+    assert (followed.status, digest_of(followed.body)) == (200, digest)
+    ((seen),) = f.storage_requests
+    assert seen.authorization is False  # nobody added credentials on the way
+    return r
+
+
+def test_hub_rate_limit_headers_blob_redirect_and_429(
+    front, proxy, http_client, make_image, unique
+):
+    """Docker Hub: realm on auth.docker.io (another host), service registry.docker.io,
+    library/ names, RateLimit-* and docker-ratelimit-source headers, 307 to the CDN,
+    429 TOOMANYREQUESTS with Retry-After."""
+    f = front("hub")
+    p = proxy(rules_for("hub"), upstream=f.url, tls=True)
+    repo, up = names("hub", unique)
+    image = make_image(layers=1, layer_size=10_000)
+    _seed(f, http_client, up, image)
+    client = http_client(p.url, ALICE)
+    f.clear()
+
+    accept = {"Accept": image.manifest.media_type}
+    r = client.request("HEAD", f"/v2/{repo}/manifests/v1", headers=accept)
+    assert r.status == 200
+    assert [r.header(h) for h in ("RateLimit-Limit", "RateLimit-Remaining")] == [
+        "100;w=21600",
+        "99;w=21600",
+    ]
+    assert r.header("Docker-RateLimit-Source") == "127.0.0.1"
+    assert _challenge(client.history[0]) == {
+        "realm": f"{p.url}/auth",
+        "service": "registry.docker.io",
+        "scope": f"repository:{repo}:pull",
+    }
+    (t,) = f.token_requests  # at the auth host, another port than the registry's
+    assert f.auth_port not in (0, f.port)
+    assert (t.method, t.path, t.service, t.scopes, t.user, t.status) == (
+        "GET", "/token", "registry.docker.io", (f"repository:{up}:pull",), "alice", 200,
+    )  # fmt: skip
+
+    r = _blob_redirect(f, client, repo, image.layers[0].digest, 307)
+    location = urllib.parse.urlsplit(r.header("Location"))
+    assert location.path.startswith("/registry-v2/docker/registry/v2/blobs/sha256/")
+    assert location.query.startswith("verify=")
+
+    limited = f"hub/{RATE_LIMITED_MARK}-{unique}"
+    r = client.request("GET", f"/v2/{limited}/manifests/v1", headers=accept)
+    assert r.status == 429
+    assert r.header("Retry-After") == "3600"
+    assert r.header("RateLimit-Remaining") == "0;w=21600"
+    assert r.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert_front_saw_only(f, "hub", up, f"library/{RATE_LIMITED_MARK}-{unique}")
+
+
+def test_ghcr_placeholder_scope_anonymous_push_denied_blob_redirect(
+    front, proxy, http_client, make_image, unique
+):
+    """ghcr.io: /v2/ challenges with scope repository:user/image:pull, which names no
+    repository of the client's; anonymous pull,push is refused 403 DENIED, pull alone is
+    not; blobs are redirected."""
+    f = front("ghcr")
+    p = proxy(rules_for("ghcr"), upstream=f.url, tls=True)
+    repo, up = names("ghcr", unique)
+    image = make_image(layers=1, layer_size=10_000)
+    _seed(f, http_client, up, image)
+    anonymous = http_client(p.url)
+
+    ping = anonymous.raw("GET", f"{p.url}/v2/")
+    assert ping.status == 401
+    # The placeholder is an upstream name no rule reaches: it must not reach the client.
+    assert _challenge(ping) == {"realm": f"{p.url}/auth", "service": "ghcr.io"}
+
+    def token(actions: str):
+        query = urllib.parse.urlencode(
+            [("service", "ghcr.io"), ("scope", f"repository:{repo}:{actions}")]
+        )
+        return anonymous.raw("GET", f"{p.url}/auth?{query}")
+
+    f.clear()
+    denied = token("pull,push")
+    assert denied.status == 403
+    assert denied.json()["errors"][0]["code"] == "DENIED"
+    assert token("pull").status == 200
+    assert [(t.scopes, t.user, t.status) for t in f.token_requests] == [
+        ((f"repository:{up}:pull,push",), None, 403),
+        ((f"repository:{up}:pull",), None, 200),
+    ]
+
+    client = http_client(p.url, ALICE)
+    _blob_redirect(f, client, repo, image.layers[0].digest, 307)
+    assert_front_saw_only(f, "ghcr", up)
+
+
+def test_quay_blob_302_with_long_cache_control(front, proxy, http_client, make_image, unique):
+    """quay.io: realm /v2/auth on the registry host; blobs answered 302 to an expiring
+    signed CloudFront URL with Cache-Control max-age=31536000."""
+    f = front("quay")
+    p = proxy(rules_for("quay"), upstream=f.url, tls=True)
+    repo, up = names("quay", unique)
+    image = make_image(layers=1, layer_size=10_000)
+    _seed(f, http_client, up, image)
+    client = http_client(p.url, ALICE)
+    f.clear()
+
+    r = _blob_redirect(f, client, repo, image.layers[0].digest, 302)
+    assert r.header("Cache-Control") == "max-age=31536000"
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(r.header("Location")).query)
+    assert {"Expires", "Signature", "Key-Pair-Id"} <= set(query)
+    assert _challenge(client.history[0])["service"] == "quay.io"
+    assert [t.path for t in f.token_requests] == ["/v2/auth"]
+    assert_front_saw_only(f, "quay", up)
+    assert_tokens_mapped(f, "quay")
+
+
+def test_gar_no_service_relative_location_large_headers(front, proxy, http_client, unique):
+    """Artifact Registry: the /v2/ challenge has a realm and no service (repository
+    challenges have one); Location headers are relative; responses carry big headers."""
+    f = front("gar")
+    p = proxy(rules_for("gar"), upstream=f.url, tls=True)
+    repo, up = names("gar", unique)
+    client = http_client(p.url, ALICE)
+
+    ping = client.raw("GET", f"{p.url}/v2/")
+    assert _challenge(ping) == {"realm": f"{p.url}/auth"}
+    big = [(k, v) for k, v in ping.headers if k.lower().startswith("x-goog-debug-")]
+    assert sum(len(v) for _, v in big) == PROFILES["gar"].big_headers
+
+    f.clear()
+    scopes = [f"repository:{repo}:pull,push"]
+    r = client.request("POST", f"/v2/{repo}/blobs/uploads/", scopes=scopes)
+    assert r.status == 202, r.body
+    assert _challenge(client.history[-3]) == {
+        "realm": f"{p.url}/auth",
+        "service": "us-docker.pkg.dev",
+        "scope": f"repository:{repo}:pull,push",
+    }
+    location = r.header("Location")
+    assert location.startswith(f"/v2/{repo}/blobs/uploads/"), location  # relative, client name
+    data = b"gar blob " + unique.encode()
+    digest = digest_of(data)
+    sep = "&" if "?" in location else "?"
+    put = client.request("PUT", f"{location}{sep}digest={digest}", body=data, scopes=scopes)
+    assert put.status == 201, put.body
+    assert put.header("Location") == f"/v2/{repo}/blobs/{digest}"
+    assert sum(len(v) for k, v in put.headers if k.lower().startswith("x-goog-debug-")) == (
+        PROFILES["gar"].big_headers
+    )
+    assert_front_saw_only(f, "gar", up)
+    assert_tokens_mapped(f, "gar")
+
+
+def test_acr_realm_elsewhere_service_with_colons_account_oauth_post_oss_redirect(
+    front, proxy, http_client, make_image, unique
+):
+    """Alibaba ACR: realm on dockerauth.<another region> (another host); the service
+    registry.aliyuncs.com:cn-shenzhen:26842 is URL-encoded in token GETs, beside account=;
+    an OAuth2 POST as BuildKit sends it; blobs 307 to OSS over plain http with
+    Expires/OSSAccessKeyId/Signature."""
+    f = front("acr")
+    p = proxy(rules_for("acr"), upstream=f.url, tls=True)
+    repo, up = names("acr", unique)
+    image = make_image(layers=1, layer_size=10_000)
+    _seed(f, http_client, up, image)
+    client = http_client(p.url, ALICE)
+
+    challenge = _challenge(client.raw("GET", f"{p.url}/v2/{repo}/tags/list"))
+    assert challenge == {
+        "realm": f"{p.url}/auth",
+        "service": ACR_SERVICE,
+        "scope": f"repository:{repo}:pull",
+    }
+    f.clear()
+    encoded = urllib.parse.quote(ACR_SERVICE, safe="")
+    query = f"account=alice&scope=repository%3A{urllib.parse.quote(repo, safe='')}%3Apull&service={encoded}"
+    r = client.raw("GET", f"{p.url}/auth?{query}", {"Authorization": _basic(ALICE)})
+    assert r.status == 200, r.body
+    (t,) = f.token_requests
+    assert f.auth_port not in (0, f.port)
+    assert (t.method, t.service, t.account, t.scopes, t.user) == (
+        "GET", ACR_SERVICE, "alice", (f"repository:{up}:pull",), "alice",
+    )  # fmt: skip
+    assert f"service={encoded}" in t.raw and "account=alice" in t.raw  # still URL-encoded
+
+    f.clear()
+    form = urllib.parse.urlencode(
+        [
+            ("grant_type", "password"),
+            ("username", ALICE[0]),
+            ("password", ALICE[1]),
+            ("service", ACR_SERVICE),
+            ("scope", f"repository:{repo}:pull,push repository:{repo}:pull"),
+            ("client_id", "buildkit-client"),
+            ("access_type", "online"),
+        ]
+    )
+    r = client.raw(
+        "POST",
+        f"{p.url}/auth",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        form.encode(),
+    )
+    assert r.status == 200, r.body
+    (t,) = f.token_requests
+    assert (t.method, t.grant_type, t.client_id, t.service, t.user) == (
+        "POST", "password", "buildkit-client", ACR_SERVICE, "alice",
+    )  # fmt: skip
+    assert t.scopes == (f"repository:{up}:pull,push", f"repository:{up}:pull")
+    assert ALICE[1] not in t.raw
+
+    f.clear()
+    r = _blob_redirect(f, client, repo, image.layers[0].digest, 307)
+    location = urllib.parse.urlsplit(r.header("Location"))
+    assert location.scheme == "http"
+    assert {"Expires", "OSSAccessKeyId", "Signature"} <= set(urllib.parse.parse_qs(location.query))
+    assert_front_saw_only(f, "acr", up)
+
+
+def test_azure_nonstandard_actions_pass_untouched(
+    front, proxy, http_client, skopeo, make_image, unique
+):
+    """Azure ACR: realm /oauth2/token; scopes with metadata_read, delete and * are mapped,
+    their actions passed on as they are, and skopeo can delete through the proxy."""
+    f = front("azure")
+    p = proxy(rules_for("azure"), upstream=f.url, tls=True)
+    repo, up = names("azure", unique)
+    image = make_image(layers=1, layer_size=10_000)
+    _seed(f, http_client, up, image)
+    client = http_client(p.url, ALICE)
+    f.clear()
+
+    r = client.request("GET", f"/v2/{repo}/tags/list")
+    assert r.status == 200 and r.json() == {"name": repo, "tags": ["v1"]}
+    assert _challenge(client.history[-3]) == {
+        "realm": f"{p.url}/auth",
+        "service": "contoso.azurecr.io",
+        "scope": f"repository:{repo}:metadata_read",
+    }
+    scopes = [
+        f"repository:{repo}:metadata_read",
+        f"repository:{repo}:delete",
+        f"repository:{repo}:*",
+    ]
+    query = urllib.parse.urlencode(
+        [("service", "contoso.azurecr.io")] + [("scope", s) for s in scopes]
+    )
+    assert (
+        client.raw("GET", f"{p.url}/auth?{query}", {"Authorization": _basic(ALICE)}).status == 200
+    )
+    assert [(t.path, t.scopes) for t in f.token_requests] == [
+        ("/oauth2/token", (f"repository:{up}:metadata_read",)),
+        (
+            "/oauth2/token",
+            (f"repository:{up}:metadata_read", f"repository:{up}:delete", f"repository:{up}:*"),
+        ),
+    ]
+
+    f.clear()
+    skopeo.delete(f"docker://{p.host}/{repo}:v1", creds=ALICE)
+    assert [(r.method, r.status) for r in f.requests if r.method == "DELETE"][-1] == (
+        "DELETE",
+        202,
+    )
+    assert_front_saw_only(f, "azure", up)
+    assert_tokens_mapped(f, "azure")
+
+
+def test_ecr_basic_challenge_passes_and_no_bearer_flow_is_invented(
+    front, proxy, http_client, make_image, unique
+):
+    """AWS ECR: `Basic realm=...` with a text/plain body and no token service; the proxy
+    passes the challenge on, invents no Bearer flow, and sends Basic credentials upstream
+    as they are."""
+    f = front("ecr")
+    p = proxy(rules_for("ecr"), upstream=f.url, tls=True)
+    repo, up = names("ecr", unique)
+    image = make_image(layers=1, layer_size=10_000)
+    _seed(f, http_client, up, image)
+    client = http_client(p.url)
+
+    ping = client.raw("GET", f"{p.url}/v2/")
+    assert ping.status == 401
+    assert ping.header("WWW-Authenticate") == (
+        f'Basic realm="{f.url}/",service="ecr.amazonaws.com"'
+    )
+    assert ping.header("Content-Type") == "text/plain; charset=utf-8"
+    assert ping.body == b"Not Authorized\n"
+
+    token = client.raw("GET", f"{p.url}/auth?scope=repository%3A{repo}%3Apull")
+    assert token.status == 502  # no realm to send it to: none is made up
+    assert token.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert not f.token_requests
+
+    f.clear()
+    accept = {"Accept": image.manifest.media_type, "Authorization": _basic(ALICE)}
+    r = client.raw("GET", f"{p.url}/v2/{repo}/manifests/v1", accept)
+    assert r.status == 200
+    assert digest_of(r.body) == image.digest
+    assert [(x.method, x.path, x.auth) for x in f.requests] == [
+        ("GET", f"/v2/{up}/manifests/v1", "Basic")
+    ]
