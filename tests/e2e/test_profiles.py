@@ -22,7 +22,7 @@ from tests.e2e.clients import (
     Dockerd,
     require_tools,
 )
-from tests.e2e.images import digest_of, fetch_manifest
+from tests.e2e.images import digest_of
 from tests.e2e.profiles import ACR_SERVICE, PROFILES, RATE_LIMITED_MARK, Front
 from tests.e2e.proxycheck import push_image_raw
 from tests.e2e.regclient import parse_challenge
@@ -45,11 +45,11 @@ def rules_for(key: str) -> str:
     client, upstream = NAMES[key]
     if key == "hub":
         # Docker Hub's implicit library/: one path component.
-        return f"""
+        return """
 unmatched: deny
 rules:
-  - client: "hub/{{name}}"
-    upstream: "library/{{name}}"
+  - client: "hub/{name}"
+    upstream: "library/{name}"
 """
     return f"""
 unmatched: deny
@@ -391,7 +391,8 @@ def test_acr_realm_elsewhere_service_with_colons_account_oauth_post_oss_redirect
     }
     f.clear()
     encoded = urllib.parse.quote(ACR_SERVICE, safe="")
-    query = f"account=alice&scope=repository%3A{urllib.parse.quote(repo, safe='')}%3Apull&service={encoded}"
+    scope = urllib.parse.quote(f"repository:{repo}:pull", safe="")
+    query = f"account=alice&scope={scope}&service={encoded}"
     r = client.raw("GET", f"{p.url}/auth?{query}", {"Authorization": _basic(ALICE)})
     assert r.status == 200, r.body
     (t,) = f.token_requests
@@ -518,3 +519,52 @@ def test_ecr_basic_challenge_passes_and_no_bearer_flow_is_invented(
     assert [(x.method, x.path, x.auth) for x in f.requests] == [
         ("GET", f"/v2/{up}/manifests/v1", "Basic")
     ]
+
+
+# --------------------------------------------------------------------------------------
+# docker: Docker Hub and ACR
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dockerd(registry):
+    require_tools(*DOCKER_TOOLS)
+    with Dockerd() as d:
+        yield d
+
+
+@pytest.mark.parametrize("key", ["acr", "hub"])
+def test_docker_login_pull_push(key, front, proxy, dockerd, make_image, http_client, unique):
+    """docker login, pull and push through the proxy: login GETs a refresh token from the
+    registry's own realm (another host for both), later tokens are OAuth2 POSTs with its
+    service string; blobs come from the storage host the registry redirected docker to."""
+    f = front(key)
+    p = proxy(rules_for(key), upstream=f.url, tls=True)
+    repo, up = names(key, unique)
+    image = make_image(layers=2, layer_size=30_000)
+    _seed(f, http_client, up, image)
+
+    dockerd.login(p.host, *ALICE)
+    (login,) = f.token_requests
+    assert (login.method, login.service, login.client_id, login.user, login.status) == (
+        "GET", PROFILES[key].service, "docker", "alice", 200,
+    )  # fmt: skip
+    assert dockerd.stored_auth(p.host).get("identitytoken")
+
+    f.clear()
+    assert dockerd.pull(f"{p.host}/{repo}:v1") == image.digest
+    assert_front_saw_only(f, key, up)
+    assert_tokens_mapped(f, key)
+    assert {(t.method, t.grant_type, t.client_id) for t in f.token_requests} == {
+        ("POST", "refresh_token", "docker")
+    }
+    assert_redirects_followed(f, key, [layer.digest for layer in image.layers])
+
+    f.clear()
+    dockerd.tag(f"{p.host}/{repo}:v1", f"{p.host}/{repo}:v2")
+    dockerd.push(f"{p.host}/{repo}:v2")
+    assert ("PUT", f"/v2/{up}/manifests/v2", 201) in [
+        (r.method, r.path, r.status) for r in f.requests
+    ]
+    assert_front_saw_only(f, key, up)
+    assert_tokens_mapped(f, key)
