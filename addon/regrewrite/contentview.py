@@ -163,13 +163,12 @@ def format_size(size: Any) -> str:
 
 # --- claims ---------------------------------------------------------------------------
 
-ClientName = Callable[[str], str | None]
 _TIME_CLAIMS = (("iat", "issued at"), ("nbf", "not before"), ("exp", "expires"))
 _KNOWN_CLAIMS = {"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "access"}
 
 
 def describe_claims(
-    jwt: Jwt, now: float, client_name: ClientName | None = None, indent: str = "  "
+    jwt: Jwt, now: float, client_name: api.MapName | None = None, indent: str = "  "
 ) -> list[str]:
     """The claims of a registry token, one per line (``access`` one entry a line)."""
     c = jwt.claims
@@ -201,7 +200,7 @@ def describe_claims(
     return [indent + line for line in lines]
 
 
-def describe_access(access: Any, client_name: ClientName | None = None) -> list[str]:
+def describe_access(access: Any, client_name: api.MapName | None = None) -> list[str]:
     if access is None:
         return ["access: (no access claim)"]
     if not isinstance(access, list):
@@ -365,7 +364,7 @@ def manifest_type(doc: Any, content_type: str | None) -> str | None:
 
 
 def describe_token_response(
-    doc: dict, now: float, client_name: ClientName | None = None
+    doc: dict, now: float, client_name: api.MapName | None = None
 ) -> list[str]:
     lines = ["# registry token: claims decoded, signature not verified; the token is withheld"]
     tokens = {k: doc[k] for k in ("token", "access_token") if isinstance(doc.get(k), str)}
@@ -478,7 +477,7 @@ def describe_tags(doc: dict, upstream_name: str | None) -> list[str]:
     return lines
 
 
-def describe_catalog(doc: dict, upstream_name: ClientName | None) -> list[str]:
+def describe_catalog(doc: dict, upstream_name: api.MapName | None) -> list[str]:
     repos = doc.get("repositories")
     repos = repos if isinstance(repos, list) else []
     lines = [f"# _catalog: {len(repos)} repositories (client name → upstream name)"]
@@ -619,7 +618,7 @@ def _realm_lines(
     return lines
 
 
-def client_namer(rules: Rules) -> ClientName:
+def client_namer(rules: Rules) -> api.MapName:
     """Client names for upstream names of any upstream (the first that maps one)."""
     count = len(getattr(rules, "upstreams", ()) or ()) or 1
     if count == 1:
@@ -635,7 +634,7 @@ def client_namer(rules: Rules) -> ClientName:
     return client_name
 
 
-def upstream_namer(rules: Rules) -> ClientName:
+def upstream_namer(rules: Rules) -> api.MapName:
     """Upstream names for client names; ``name @key`` when another upstream serves it."""
     upstreams = getattr(rules, "upstreams", None)
     if not upstreams or len(upstreams) == 1 or not hasattr(rules, "route"):
@@ -778,7 +777,7 @@ def _bearer(msg: Message) -> Jwt | None:
     return Jwt(info["header"], info["claims"]) if info else None
 
 
-def _describe_credentials(msg: Message, now: float, client_name: ClientName | None) -> list[str]:
+def _describe_credentials(msg: Message, now: float, client_name: api.MapName | None) -> list[str]:
     jwt = _bearer(msg)
     if jwt is not None:
         head = "# Authorization: Bearer token presented (claims decoded, not verified; withheld)"

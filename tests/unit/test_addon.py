@@ -104,11 +104,10 @@ def test_unmatched_deny_answers_without_upstream(tctx, addon):
     assert not f.request.stream  # mitmproxy refuses to stream a request we answer
 
 
-def test_unmatched_pass_forwards_unchanged(tctx, addon, rules_file):
+async def test_unmatched_pass_forwards_unchanged(tctx, addon, rules_file):
     rules_file.write_text(RULES.replace("deny", "pass"))
     tctx.configure(addon, registry_rules=str(rules_file) + "")
-    addon.rules_stamp = None
-    addon.reload_rules()
+    await addon.reload_rules()
     f = flow("/v2/other/x/manifests/latest")
     addon.requestheaders(f)
     assert f.response is None and f.request.path == "/v2/other/x/manifests/latest"
@@ -133,7 +132,7 @@ def test_head_refusal_has_no_body(tctx, addon):
 # --- catalog ------------------------------------------------------------------------
 
 
-def test_catalog_maps_last_and_filters_and_pages(tctx, addon):
+async def test_catalog_maps_last_and_filters_and_pages(tctx, addon):
     f = flow("/v2/_catalog?n=2&last=team%2Fapp")
     addon.requestheaders(f)
     assert f.request.path == "/v2/_catalog?n=2&last=acme_team%2Fapp"
@@ -148,7 +147,7 @@ def test_catalog_maps_last_and_filters_and_pages(tctx, addon):
     )
     addon.responseheaders(f)
     assert not f.response.stream
-    addon.response(f)
+    await addon.response(f)
     assert json.loads(f.response.content) == {"repositories": ["team/base"]}
     link = f.response.headers["Link"]
     assert "secret" not in link and "last=~" in link  # an opaque cursor hides the name
@@ -188,7 +187,7 @@ async def run_token(tctx, addon, f):
 async def test_token_get_maps_every_scope(tctx, addon, monkeypatch):
     fake = FakeRealm()
     monkeypatch.setattr(realm, "fetch", fake)
-    addon.realm = UPSTREAM_REALM
+    addon.learned["default"] = (UPSTREAM_REALM, None)
     f = flow(
         "/auth?service=svc&scope=repository%3Ateam%2Fapp%3Apull%2Cpush"
         "&scope=repository:nginx:pull%20repository:team/base:pull&scope=registry:catalog:*&account=alice",
@@ -215,7 +214,7 @@ async def test_token_get_maps_every_scope(tctx, addon, monkeypatch):
 async def test_token_post_form_scope_mapped_rest_untouched(tctx, addon, monkeypatch):
     fake = FakeRealm()
     monkeypatch.setattr(realm, "fetch", fake)
-    addon.realm = UPSTREAM_REALM
+    addon.learned["default"] = (UPSTREAM_REALM, None)
     form = (
         "grant_type=refresh_token&refresh_token=r%2B1&service=svc&client_id=containerd"
         "&scope=repository%3Ateam%2Fapp%3Apull%2Cpush+repository%3Aother%2Fx%3Apull"
@@ -247,11 +246,10 @@ async def test_token_realm_discovered_when_not_yet_learned(tctx, addon, monkeypa
 
 async def test_configured_realm_wins(tctx, addon, monkeypatch, rules_file):
     rules_file.write_text("upstream:\n  realm: https://pinned.test/auth\n" + RULES)
-    addon.rules_stamp = None
-    addon.reload_rules()
+    await addon.reload_rules()
     fake = FakeRealm()
     monkeypatch.setattr(realm, "fetch", fake)
-    addon.realm = UPSTREAM_REALM
+    addon.learned["default"] = (UPSTREAM_REALM, None)
     await run_token(tctx, addon, flow("/auth?scope=repository:team/app:pull"))
     assert fake.calls[0][1].startswith("https://pinned.test/auth?")
 
@@ -261,7 +259,7 @@ async def test_token_service_unreachable_is_a_registry_error(
     tctx, addon, monkeypatch, timeout, status
 ):
     monkeypatch.setattr(realm, "fetch", FakeRealm(realm.RealmUnreachable("refused", timeout)))
-    addon.realm = UPSTREAM_REALM
+    addon.learned["default"] = (UPSTREAM_REALM, None)
     f = flow("/auth?scope=repository:team/app:pull")
     await run_token(tctx, addon, f)
     assert error_of(f)[:2] == (status, "UNAVAILABLE")
@@ -327,7 +325,7 @@ def test_location_and_link_are_mapped(tctx, addon):
     assert f.response.headers["Location"] == "https://blobs.storage.test/x?sig=1"
 
 
-def test_tags_list_body_and_link(tctx, addon):
+async def test_tags_list_body_and_link(tctx, addon):
     f = flow("/v2/team/app/tags/list?n=1")
     addon.requestheaders(f)
     respond(
@@ -341,12 +339,12 @@ def test_tags_list_body_and_link(tctx, addon):
     )
     addon.responseheaders(f)
     assert not f.response.stream
-    addon.response(f)
+    await addon.response(f)
     assert json.loads(f.response.content) == {"name": "team/app", "tags": ["1.0"]}
     assert f.response.headers["Link"] == '</v2/team/app/tags/list?last=1.0&n=1>; rel="next"'
 
 
-def test_error_body_names_are_mapped(tctx, addon):
+async def test_error_body_names_are_mapped(tctx, addon):
     f = flow("/v2/team/app/manifests/nope")
     addon.requestheaders(f)
     body = {
@@ -356,7 +354,7 @@ def test_error_body_names_are_mapped(tctx, addon):
         f, 404, json.dumps(body).encode(), [("Content-Type", "application/json; charset=utf-8")]
     )
     addon.responseheaders(f)
-    addon.response(f)
+    await addon.response(f)
     assert json.loads(f.response.content)["errors"][0]["detail"] == {"name": "team/app"}
 
 
@@ -402,14 +400,14 @@ def test_bad_public_url_is_an_options_error(tctx, addon):
         tctx.configure(addon, registry_public_url="registry.example.com")
 
 
-def test_reload_takes_effect_and_invalid_edit_keeps_old_rules(tctx, addon, rules_file, caplog):
+async def test_reload_takes_effect_and_invalid_edit_keeps_old_rules(
+    tctx, addon, rules_file, caplog
+):
     rules_file.write_text(RULES.replace("acme_team", "newco_team"))
-    addon.rules_stamp = None
-    addon.reload_rules()
+    await addon.reload_rules()
     assert addon.rules.upstream_name("team/app") == "newco_team/app"
     rules_file.write_text(RULES + "  - client: '{x}'\n")
-    addon.rules_stamp = None
     with caplog.at_level(logging.ERROR):
-        addon.reload_rules()
+        await addon.reload_rules()
     assert "rule 3: missing 'upstream'" in caplog.text and "previous rules stay" in caplog.text
     assert addon.rules.upstream_name("team/app") == "newco_team/app"

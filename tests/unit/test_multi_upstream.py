@@ -197,7 +197,9 @@ async def test_token_goes_to_the_upstream_of_its_scopes(addon, monkeypatch):
         "repository:bitnami_x/redis:pull",
     ]
     assert form_values(query, "service") == ["hub-service"]
-    assert headers["Authorization"] == "Basic dTpw"  # the client's own, to the addressed upstream
+    # hub is not the default upstream: by default it gets no credentials of the client's.
+    assert "Authorization" not in headers
+    assert "anonymous" in f.comment
     assert "dropped repository:team/app:pull" in f.comment
 
 
@@ -283,7 +285,10 @@ async def test_push_scope_decides_the_upstream_over_a_mount_source(addon, monkey
     f = flow("/auth", "POST", form.encode())
     addon.requestheaders(f)
     await addon.request(f)
-    ((method, url, _, body),) = fake.calls
-    assert (method, url) == ("POST", "https://auth.hub.test/token")
-    assert form_values(body.decode(), "scope") == ["repository:library/nginx:pull,push"]
-    assert form_values(body.decode(), "service") == ["hub-service"]
+    ((method, url, headers, body),) = fake.calls
+    # The client's password grant is not for hub (anonymous by default): a plain GET.
+    assert method == "GET" and body is None and "Authorization" not in headers
+    assert url.startswith("https://auth.hub.test/token?")
+    query = url.split("?", 1)[1]
+    assert form_values(query, "scope") == ["repository:library/nginx:pull,push"]
+    assert form_values(query, "service") == ["hub-service"]
