@@ -29,27 +29,31 @@ from tests.e2e.regclient import parse_challenge
 from tests.e2e.upstream import ALICE
 
 # Client prefix -> upstream prefix, per profile. The upstream side lives where the
-# session's ACL lets alice push (acme_team/*, library/*).
+# session's ACL lets alice push (acme_team/*, library/*) and anyone pull
+# (acme_team/public*).
 NAMES = {
     "acr": ("team", "acme_team"),
     "hub": ("hub", "library"),
-    "ghcr": ("gh", "acme_team/gh"),
-    "quay": ("quay", "acme_team/quay"),
-    "gar": ("gar", "acme_team/gar"),
-    "azure": ("az", "acme_team/az"),
-    "ecr": ("ecr", "acme_team/ecr"),
+    "ghcr": ("gh", "acme_team"),
+    "quay": ("quay", "acme_team"),
+    "gar": ("gar", "acme_team"),
+    "azure": ("az", "acme_team"),
+    "ecr": ("ecr", "acme_team"),
 }
 
 
 def rules_for(key: str) -> str:
     client, upstream = NAMES[key]
     if key == "hub":
-        # Docker Hub's implicit library/: one path component.
+        # Docker Hub's implicit library/ for one-component names; other namespaces
+        # (here the one anyone may pull from) keep their names.
         return """
 unmatched: deny
 rules:
   - client: "hub/{name}"
     upstream: "library/{name}"
+  - client: "hub/acme_team/{r:path}"
+    upstream: "acme_team/{r:path}"
 """
     return f"""
 unmatched: deny
@@ -59,10 +63,15 @@ rules:
 """
 
 
-def names(key: str, unique: str) -> tuple[str, str]:
-    """(client name, upstream name) of a fresh repository for one test."""
+def names(key: str, unique: str, public: bool = False) -> tuple[str, str]:
+    """(client name, upstream name) of a fresh repository for one test; `public` ones
+    anyone may pull."""
     client, upstream = NAMES[key]
-    leaf = f"app-{unique}"
+    if public:
+        if key == "hub":
+            return f"hub/acme_team/public-{unique}", f"acme_team/public-{unique}"
+        return f"{client}/public-{key}-{unique}", f"{upstream}/public-{key}-{unique}"
+    leaf = f"app-{key}-{unique}"
     return f"{client}/{leaf}", f"{upstream}/{leaf}"
 
 
@@ -89,9 +98,9 @@ def _basic(creds) -> str:
 
 def assert_front_saw_only(f: Front, key: str, *must: str) -> None:
     """Only upstream names reached the registry host, and each of `must` did."""
-    prefix = NAMES[key][1] + "/"
+    prefixes = ("acme_team/", "library/")
     seen = f.names_seen()
-    wrong = sorted(n for n in seen if not n.startswith(prefix))
+    wrong = sorted(n for n in seen if not n.startswith(prefixes))
     assert not wrong, f"client names reached {key}: {wrong}"
     assert set(must) <= seen, (must, seen)
 
@@ -103,11 +112,10 @@ def assert_tokens_mapped(f: Front, key: str) -> None:
         assert not f.token_requests
         return
     assert f.token_requests, "no token request reached the token service"
-    prefix = NAMES[key][1] + "/"
     for r in f.token_requests:
         for s in r.scopes:
             if s.startswith("repository"):
-                assert s.split(":", 1)[1].startswith(prefix), (s, r)
+                assert s.split(":", 1)[1].startswith(("acme_team/", "library/")), (s, r)
         assert r.service in (PROFILES[key].service, None), r
 
 
@@ -270,6 +278,7 @@ def test_hub_rate_limit_headers_blob_redirect_and_429(
     assert r.header("RateLimit-Remaining") == "0;w=21600"
     assert r.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
     assert_front_saw_only(f, "hub", up, f"library/{RATE_LIMITED_MARK}-{unique}")
+    assert not f.names_seen() & {repo, limited}
 
 
 def test_ghcr_placeholder_scope_anonymous_push_denied_blob_redirect(
@@ -568,3 +577,68 @@ def test_docker_login_pull_push(key, front, proxy, dockerd, make_image, http_cli
     ]
     assert_front_saw_only(f, key, up)
     assert_tokens_mapped(f, key)
+
+
+# --------------------------------------------------------------------------------------
+# anonymous pull and _catalog, every profile
+# --------------------------------------------------------------------------------------
+
+
+@ALL
+def test_skopeo_anonymous_pull(
+    key, front, proxy, skopeo, make_image, http_client, tmp_path, unique
+):
+    """Anonymous pull of a public repository works wherever the registry allows it; ECR
+    has no anonymous access at all (the Basic challenge reaches skopeo, which gives up)."""
+    f = front(key)
+    p = proxy(rules_for(key), upstream=f.url, tls=True)
+    repo, up = names(key, unique, public=True)
+    image = make_image(layers=1, layer_size=10_000)
+    _seed(f, http_client, up, image)
+    f.clear()
+
+    out = tmp_path / "pulled"
+    proc = skopeo.run(
+        "copy",
+        "--retry-times=0",
+        "--src-no-creds",
+        f"--src-cert-dir={skopeo.ca.cert_dir}",
+        f"docker://{p.host}/{repo}:v1",
+        f"oci:{out}:v1",
+        check=False,
+    )
+    if PROFILES[key].basic_only:
+        assert proc.returncode != 0
+        assert "401" in proc.stderr or "unauthorized" in proc.stderr.lower(), proc.stderr
+        # (skopeo answers the Basic challenge with empty credentials: refused too)
+        assert {r.status for r in f.requests} == {401}, f.requests
+        return
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((out / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == image.digest
+    assert_front_saw_only(f, key, up)
+    assert_tokens_mapped(f, key)
+    assert all(t.user is None and t.method == "GET" for t in f.token_requests)
+    assert_redirects_followed(f, key, [layer.digest for layer in image.layers])
+
+
+@ALL
+def test_catalog(key, front, proxy, http_client, make_image, unique):
+    """_catalog through the proxy lists client names only (for registries that offer
+    it; the profiles do not model which hosted registries refuse _catalog)."""
+    f = front(key)
+    p = proxy(rules_for(key), upstream=f.url, tls=True)
+    repo, up = names(key, unique)
+    _seed(f, http_client, up, make_image(layers=1, layer_size=1_000))
+    f.clear()
+    client = http_client(p.url, ALICE)
+    if PROFILES[key].basic_only:
+        r = client.raw("GET", f"{p.url}/v2/_catalog?n=1000", {"Authorization": _basic(ALICE)})
+    else:
+        r = client.request("GET", "/v2/_catalog?n=1000", scopes=["registry:catalog:*"])
+    assert r.status == 200, r.body
+    listed = r.json()["repositories"]
+    assert repo in listed
+    assert not [n for n in listed if n.startswith(("acme_team/", "library/"))]
+    if not PROFILES[key].basic_only:
+        assert f.token_scopes() == ["registry:catalog:*"]
