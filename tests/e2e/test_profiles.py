@@ -184,6 +184,13 @@ def test_ctr_pull_push(key, front, proxy, containerd, make_image, ca, http_clien
 
     containerd.pull(f"{p.host}/{repo}:v1", user=user)
     assert containerd.image_digest(f"{p.host}/{repo}:v1") == image.digest
+    if key == "hub":
+        # hub/<org>/<name> as well as hub/<name> (library/)
+        org_repo, org_up = f"hub/acme_team/org-{unique}", f"acme_team/org-{unique}"
+        push_image_raw(http_client(f"https://{f.registry.host}", ALICE), org_up, image, "v1")
+        containerd.pull(f"{p.host}/{org_repo}:v1", user=user)
+        assert containerd.image_digest(f"{p.host}/{org_repo}:v1") == image.digest
+        assert org_up in f.names_seen()
     assert_front_saw_only(f, key, up)
     assert_tokens_mapped(f, key)
     assert_redirects_followed(f, key, [layer.digest for layer in image.layers])
@@ -562,6 +569,12 @@ def test_docker_login_pull_push(key, front, proxy, dockerd, make_image, http_cli
 
     f.clear()
     assert dockerd.pull(f"{p.host}/{repo}:v1") == image.digest
+    if key == "hub":
+        # hub/<org>/<name> as well as hub/<name> (library/)
+        org_repo, org_up = f"hub/acme_team/org-{unique}", f"acme_team/org-{unique}"
+        _seed(f, http_client, org_up, image)
+        assert dockerd.pull(f"{p.host}/{org_repo}:v1") == image.digest
+        assert org_up in f.names_seen()
     assert_front_saw_only(f, key, up)
     assert_tokens_mapped(f, key)
     assert {(t.method, t.grant_type, t.client_id) for t in f.token_requests} == {
