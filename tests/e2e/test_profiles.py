@@ -245,7 +245,11 @@ def test_hub_rate_limit_headers_blob_redirect_and_429(
 ):
     """Docker Hub: realm on auth.docker.io (another host), service registry.docker.io,
     library/ names, RateLimit-* and docker-ratelimit-source headers, 307 to the CDN,
-    429 TOOMANYREQUESTS with Retry-After."""
+    429 TOOMANYREQUESTS with Retry-After.
+
+    https://gist.github.com/jeversol/369009aaad4cd2cd8e2610fa68d4c4be (headers),
+    https://github.com/docker/docs/issues/21908 (429), https://github.com/docker/docs/pull/22916
+    (Retry-After), https://github.com/docker/hub-feedback/issues/2218 (CDN for blobs)."""
     f = front("hub")
     p = proxy(rules_for("hub"), upstream=f.url, tls=True)
     repo, up = names("hub", unique)
@@ -293,7 +297,10 @@ def test_ghcr_placeholder_scope_anonymous_push_denied_blob_redirect(
 ):
     """ghcr.io: /v2/ challenges with scope repository:user/image:pull, which names no
     repository of the client's; anonymous pull,push is refused 403 DENIED, pull alone is
-    not; blobs are redirected."""
+    not; blobs are redirected.
+
+    https://toddysm.com/2024/02/12/authenticating-with-oci-registries-github-container-registry-ghcr-implementation,
+    https://github.com/mccutchen/go-httpbin/issues/223, https://github.com/scarf-sh/gateway/pull/35"""
     f = front("ghcr")
     p = proxy(rules_for("ghcr"), upstream=f.url, tls=True)
     repo, up = names("ghcr", unique)
@@ -329,7 +336,10 @@ def test_ghcr_placeholder_scope_anonymous_push_denied_blob_redirect(
 
 def test_quay_blob_302_with_long_cache_control(front, proxy, http_client, make_image, unique):
     """quay.io: realm /v2/auth on the registry host; blobs answered 302 to an expiring
-    signed CloudFront URL with Cache-Control max-age=31536000."""
+    signed CloudFront URL with Cache-Control max-age=31536000.
+
+    https://github.com/rpardini/docker-registry-proxy/issues/5,
+    https://github.com/rpardini/docker-registry-proxy/issues/26"""
     f = front("quay")
     p = proxy(rules_for("quay"), upstream=f.url, tls=True)
     repo, up = names("quay", unique)
@@ -350,7 +360,9 @@ def test_quay_blob_302_with_long_cache_control(front, proxy, http_client, make_i
 
 def test_gar_no_service_relative_location_large_headers(front, proxy, http_client, unique):
     """Artifact Registry: the /v2/ challenge has a realm and no service (repository
-    challenges have one); Location headers are relative; responses carry big headers."""
+    challenges have one); Location headers are relative; responses carry big headers.
+
+    https://github.com/apple/container/issues/2274, https://github.com/oras-project/oras/issues/157"""
     f = front("gar")
     p = proxy(rules_for("gar"), upstream=f.url, tls=True)
     repo, up = names("gar", unique)
@@ -391,7 +403,11 @@ def test_acr_realm_elsewhere_service_with_colons_account_oauth_post_oss_redirect
     """Alibaba ACR: realm on dockerauth.<another region> (another host); the service
     registry.aliyuncs.com:cn-shenzhen:26842 is URL-encoded in token GETs, beside account=;
     an OAuth2 POST as BuildKit sends it; blobs 307 to OSS over plain http with
-    Expires/OSSAccessKeyId/Signature."""
+    Expires/OSSAccessKeyId/Signature.
+
+    https://www.alibabacloud.com/blog/reverse-proxy-to-access-alibaba-cloud-container-registry_597957,
+    https://github.com/distribution/distribution/issues/1300,
+    https://github.com/dragonflyoss/dragonfly-archived/pull/523, https://github.com/moby/buildkit/pull/2553"""
     f = front("acr")
     p = proxy(rules_for("acr"), upstream=f.url, tls=True)
     repo, up = names("acr", unique)
@@ -456,7 +472,9 @@ def test_azure_nonstandard_actions_pass_untouched(
     front, proxy, http_client, skopeo, make_image, unique
 ):
     """Azure ACR: realm /oauth2/token; scopes with metadata_read, delete and * are mapped,
-    their actions passed on as they are, and skopeo can delete through the proxy."""
+    their actions passed on as they are, and skopeo can delete through the proxy.
+
+    https://azure.github.io/acr/Token-BasicAuth.html, https://github.com/Azure/acr/issues/676"""
     f = front("azure")
     p = proxy(rules_for("azure"), upstream=f.url, tls=True)
     repo, up = names("azure", unique)
@@ -506,7 +524,10 @@ def test_ecr_basic_challenge_passes_and_no_bearer_flow_is_invented(
 ):
     """AWS ECR: `Basic realm=...` with a text/plain body and no token service; the proxy
     passes the challenge on, invents no Bearer flow, and sends Basic credentials upstream
-    as they are."""
+    as they are.
+
+    https://wom.icu/today-i-learned/2023-09-11,
+    https://docs.aws.amazon.com/AmazonECR/latest/userguide/registry_auth.html"""
     f = front("ecr")
     p = proxy(rules_for("ecr"), upstream=f.url, tls=True)
     repo, up = names("ecr", unique)
