@@ -35,6 +35,7 @@ from regrewrite.contentview import (
     describe_rules,
     token_shortfall,
 )
+from regrewrite.explain import explain
 from regrewrite.rules import Rules, RulesError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class RegistryRewrite:
         self.token_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.work_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.failures_logged: set[tuple[str, str]] = set()
+        # Credentials of the flows in memory, for replays in this process (weak keys:
+        # they go when mitmweb or the console drops the flow).
+        self.replay_secrets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # mitmweb, mitmproxy and mitmdump show registry messages through this view.
         self.contentview = RegistryContentview(lambda: self.rules)
 
@@ -190,6 +194,15 @@ class RegistryRewrite:
         logger.info(f"registry.rules:\n{text}")
         return text
 
+    @command.command("registry.explain")
+    def explain_command(self, text: str) -> str:
+        """Where a client name goes (rule, upstream name, upstream, realm, service) or why
+        it is refused; which client name an upstream name is shown as; or the scope a
+        token request sends upstream for a scope such as repository:team/app:pull,push."""
+        answer = explain(self.rules, text, self.learned)
+        logger.info(f"registry.explain {text}:\n{answer}")
+        return answer
+
     @property
     def realm(self) -> str | None:
         """The default upstream's token realm, as learned."""
@@ -270,6 +283,10 @@ class RegistryRewrite:
     def _requestheaders(self, flow: http.HTTPFlow) -> None:
         rules = self.rules
         req = flow.request
+        if flow.is_replay == "request":
+            self._prepare_replay(flow)
+        else:
+            self._keep_for_replay(flow, "authorization", req.headers.get("Authorization"))
         _drop_client_authority(req)
         # In reverse mode the request already targets the default upstream.
         default = Origin(req.scheme, req.host, req.port)
@@ -314,6 +331,10 @@ class RegistryRewrite:
         meta = flow.metadata
         # From here on nothing can fail: plain assignments of checked values.
         req = flow.request
+        # The client's own request line, to show it again once the flow has gone
+        # upstream (so a person reads, edits and replays it in client names).
+        meta["registry_client_target"] = req.path
+        meta["registry_upstream_target"] = d.target
         if basic:
             del req.headers["Authorization"]
         if origin != default:
@@ -332,6 +353,33 @@ class RegistryRewrite:
             meta["registry_mirror"] = d.mirror
         if d.comment:
             flow.comment = d.comment + (" · client's Basic credentials withheld" if basic else "")
+
+    def _keep_for_replay(self, flow: http.HTTPFlow, what: str, secret: str | None) -> None:
+        """Keep a credential in memory, for a replay of this flow in this process; never
+        in the flow (which mitmweb shows and flow files save). Gone with the flow."""
+        if secret:
+            self.replay_secrets.setdefault(flow, {})[what] = secret
+
+    def _prepare_replay(self, flow: http.HTTPFlow) -> None:
+        """A replayed flow is mapped anew, with the rules in force now: it shows (and was
+        edited in) client names since it went upstream the first time."""
+        meta = flow.metadata
+        for key in [k for k in meta if k.startswith("registry_")]:
+            del meta[key]
+        flow.comment, flow.marked = "", ""
+        kept = self.replay_secrets.get(flow, {})
+        req = flow.request
+        redacted = [v for k, v in req.headers.fields if k.lower() == b"authorization"]
+        note = "replay"
+        if redacted:
+            req.headers.pop("Authorization", None)
+            if "authorization" in kept:
+                req.headers["Authorization"] = kept["authorization"]
+            else:
+                note = "replay without credentials (flows keep none once saved)"
+        if "form" in kept and req.method == "POST":
+            req.content = kept["form"].encode()
+        meta["registry_replay"] = note
 
     def _answer_ping(self, flow: http.HTTPFlow) -> None:
         """``/v2/`` with several upstreams: a client authenticated for any of them may
@@ -372,6 +420,7 @@ class RegistryRewrite:
                 _refuse(flow, decide.Refusal(400, "UNSUPPORTED", "token form is not ASCII"))
                 return
             form = raw.decode("ascii")
+            self._keep_for_replay(flow, "form", form)
         registry, map_name = decide.token_upstream(rules, query, form)
         upstream = rules.upstreams[registry]
         flow.metadata["registry_upstream_key"] = upstream.key
@@ -520,12 +569,12 @@ class RegistryRewrite:
     # --- responses ----------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        _redact_credentials(flow)
-        if flow.metadata.get("registry_answered") or flow.response is None:
-            return
-        if flow.metadata.get("registry_decision") != "mapped" or not flow.live:
-            return  # (a flow loaded from a file was rewritten when it was live)
         try:
+            _redact_credentials(flow)
+            if flow.metadata.get("registry_answered") or flow.response is None:
+                return
+            if flow.metadata.get("registry_decision") != "mapped" or not flow.live:
+                return  # (a flow loaded from a file was rewritten when it was live)
             self._responseheaders(flow)
         except Exception as e:  # noqa: BLE001 - fail closed, whatever went wrong
             self._fail(flow, "responseheaders", e)
@@ -612,15 +661,30 @@ class RegistryRewrite:
             flow.metadata["registry_kept_manifest"] = True
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("registry_decision") == "mapped":
+            # mitmproxy answers the client itself (upstream unreachable, reset, a cap).
+            flow.metadata["registry_decision"] = "error"
         _redact_credentials(flow)
+        _show_client_request(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._response(flow)
+        finally:
+            if flow.live:
+                _show_client_request(flow)
+                if "registry_replay" in flow.metadata:
+                    flow.comment = f"{flow.metadata['registry_replay']} · {flow.comment}"
+
+    async def _response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if resp is None or flow.metadata.get("registry_answered") or not flow.live:
+        if resp is None or not flow.live:
             return
         if "registry_failed" in flow.metadata:
             # responseheaders failed on a response without a body: it never goes out.
             _fail_response(flow, flow.metadata["registry_failed"])
+            return
+        if flow.metadata.get("registry_answered"):
             return
         kind = flow.metadata.get("registry_rewrite")
         if resp.stream or kind is None:
@@ -795,6 +859,21 @@ def _fail_response(flow: http.HTTPFlow, reason: str) -> None:
     meta["registry_error_code"] = "UNAVAILABLE"
     flow.marked = ":no_entry:"
     flow.comment = f"{flow.comment} · failed: {reason}" if flow.comment else f"failed: {reason}"
+
+
+def _show_client_request(flow: http.HTTPFlow) -> None:
+    """Once a flow has gone upstream, show the request as the client sent it (its path
+    and the reverse-mode target): what a person reads and edits, and what a replay maps
+    anew. What went upstream stays in the comment and in ``registry_upstream_target``."""
+    meta = flow.metadata
+    target = meta.pop("registry_client_target", None)
+    if target is None:
+        return
+    default = meta.get("registry_default")
+    req = flow.request
+    req.path = target
+    if default is not None:
+        req.scheme, req.host, req.port = default[0], default[1], default[2]
 
 
 def _client_names(rules: Rules, flow: http.HTTPFlow) -> api.MapName:

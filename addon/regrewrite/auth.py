@@ -20,7 +20,6 @@ from .api import MapName
 # The actions a client name may ask for (read-only rules); None: the name has no rule.
 AllowActions = Callable[[str], frozenset[str] | None]
 WRITE_ACTIONS = frozenset({"push", "delete", "*"})
-_WRITES = frozenset({"push", "delete"})
 
 
 # --- scopes -------------------------------------------------------------------------
@@ -77,12 +76,10 @@ def narrow_actions(actions: str, allowed: frozenset[str] | None) -> str:
     other actions (``pull``, Azure's ``metadata_read``) pass as they are."""
     if allowed is None:
         return actions
-    # ``*`` is every action: kept when the rule grants both writes (a rule's actions
-    # never list ``*`` itself; Azure ACR and skopeo delete ask for it).
     kept = [
         a
         for a in actions.split(",")
-        if a not in WRITE_ACTIONS or a in allowed or (a == "*" and _WRITES <= allowed)
+        if a not in WRITE_ACTIONS or a in allowed or (a == "*" and {"push", "delete"} <= allowed)
     ]
     return ",".join(kept)
 

@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 
 from . import api, auth
 from .api import Origin
-from .rules import Rules
+from .rules import Route, Rules, Unrouted
 
 # How much of a request body the proxy reads when it answers the request itself (token
 # forms, refusals), and how much of an upstream body it buffers to rewrite (tags/list,
@@ -121,7 +121,7 @@ def decide_request(
         detail = {"reference": repo.reference}
         return endpoint, Refusal(400, code, f"malformed {repo.kind} path", detail)
     action = _WRITE_METHODS.get(method, "pull")
-    if action not in route_actions(rules, route):
+    if action not in route.actions:
         return endpoint, Refusal(
             403,
             "DENIED",
@@ -178,53 +178,20 @@ def _catalog(rules: Rules, path: str, query: str, cursors: dict[str, str]) -> De
 # --- routing ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Route:
-    registry: int
-    name: str
-
-
 def resolve(rules: Rules, name: str, mirror: int | None = None) -> Route | Refusal:
-    """Where a client name goes, or the refusal. With a mirror hint the name is already
-    the upstream's own: it must be one a rule makes reachable."""
-    from .names import is_valid_name
-
-    if not is_valid_name(name):
-        return Refusal(400, "NAME_INVALID", f"invalid repository name {name!r}", {"name": name})
-    if mirror is not None:
-        if rules.client_name(name, mirror) is None:
-            return Refusal(404, "NAME_UNKNOWN", f"no rule reaches {name}", {"name": name})
-        return Route(mirror, name)
-    found = rules.names.lookup(name)
-    if found is None:
-        if rules.unmatched == "pass":
-            return Route(0, name)
-        return Refusal(404, "NAME_UNKNOWN", f"no rule for {name}", {"name": name})
-    if not is_valid_name(found.name):
-        return Refusal(
-            400,
-            "NAME_INVALID",
-            f"{name} maps to invalid upstream name {found.name!r}",
-            {"name": name},
-        )
-    return Route(found.registry, found.name)
-
-
-def route_actions(rules: Rules, route: Route) -> frozenset[str]:
-    actions = getattr(route, "actions", None)
-    return actions if actions is not None else frozenset({"pull", "push", "delete"})
+    """Where a client name goes (``Rules.resolve``, the one routing function), or the
+    registry error that refuses it."""
+    found = rules.resolve(name, mirror)
+    if isinstance(found, Unrouted):
+        status = 400 if found.code == "NAME_INVALID" else 404
+        return Refusal(status, found.code, found.reason, {"name": name})
+    return found
 
 
 def credentials_mode(rules: Rules, registry: int) -> str:
-    """Whose credentials go to upstream ``registry``: the client's, none, or the proxy's
-    own account."""
-    credentials = rules.upstreams[registry].credentials
-    mode = getattr(credentials, "mode", None)
-    if mode is not None:
-        return mode
-    if credentials is not None:
-        return "account"
-    return "client" if registry == 0 else "anonymous"
+    """Whose credentials go to upstream ``registry``: the client's ("client"), none
+    ("anonymous"), or the proxy's own account ("account")."""
+    return rules.upstreams[registry].credentials.mode
 
 
 # --- token requests -------------------------------------------------------------------
@@ -263,7 +230,7 @@ def allowed_actions(rules: Rules, mirror: int | None) -> auth.AllowActions:
 
     def allow(name: str) -> frozenset[str] | None:
         found = resolve(rules, name, mirror)
-        return route_actions(rules, found) if isinstance(found, Route) else None
+        return found.actions if isinstance(found, Route) else None
 
     return allow
 
