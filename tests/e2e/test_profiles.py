@@ -18,6 +18,7 @@ import pytest
 from tests.e2e.clients import (
     CONTAINERD_TOOLS,
     DOCKER_TOOLS,
+    CommandError,
     Containerd,
     Dockerd,
     require_tools,
@@ -42,19 +43,35 @@ NAMES = {
 }
 
 
-def rules_for(key: str) -> str:
-    client, upstream = NAMES[key]
-    if key == "hub":
-        # Docker Hub's implicit library/ for one-component names; other namespaces
-        # (here the one anyone may pull from) keep their names.
-        return """
+HUB_PAIR = """
 unmatched: deny
 rules:
   - client: "hub/{name}"
     upstream: "library/{name}"
-  - client: "hub/acme_team/{r:path}"
-    upstream: "acme_team/{r:path}"
+  - client: "hub/{org}/{name}"
+    upstream: "{org}/{name}"
 """
+
+# The same pair as a read-only mirror: nothing is ever written through the proxy.
+HUB_MIRROR = """
+unmatched: deny
+rules:
+  - client: "hub/{name}"
+    upstream: "library/{name}"
+    actions: [pull]
+  - client: "hub/{org}/{name}"
+    upstream: "{org}/{name}"
+    actions: [pull]
+"""
+
+
+def rules_for(key: str) -> str:
+    client, upstream = NAMES[key]
+    if key == "hub":
+        # Docker Hub's implicit library/ for one-component names, other namespaces as
+        # they are: hub/nginx <-> library/nginx, hub/bitnami/redis <-> bitnami/redis.
+        return HUB_PAIR
+
     return f"""
 unmatched: deny
 rules:
@@ -676,3 +693,47 @@ def test_catalog(key, front, proxy, http_client, make_image, unique):
     assert not [n for n in listed if n.startswith(("acme_team/", "library/"))]
     if not PROFILES[key].basic_only:
         assert f.token_scopes() == ["registry:catalog:*"]
+
+
+def test_hub_read_only_mirror(front, proxy, dockerd, http_client, make_image, unique):
+    """The Docker Hub pair as a read-only mirror (`actions: [pull]`): docker pulls
+    hub/<name>, hub/<org>/<name> and the alias hub/library/<name>; its push is refused by
+    the proxy with 403 DENIED and never reaches the registry; token requests lose their
+    push; the challenge asks only for pull."""
+    f = front("hub")
+    p = proxy(HUB_MIRROR, upstream=f.url, tls=True)
+    image = make_image(layers=1, layer_size=10_000)
+    lib_repo, lib_up = f"hub/mirror-{unique}", f"library/mirror-{unique}"
+    org_repo, org_up = f"hub/acme_team/mirror-{unique}", f"acme_team/mirror-{unique}"
+    _seed(f, http_client, lib_up, image)
+    _seed(f, http_client, org_up, image)
+
+    dockerd.login(p.host, *ALICE)
+    f.clear()
+    for ref in (lib_repo, org_repo, f"hub/library/mirror-{unique}"):
+        assert dockerd.pull(f"{p.host}/{ref}:v1") == image.digest
+    assert_front_saw_only(f, "hub", lib_up, org_up)
+    assert all(s.endswith(":pull") for s in f.token_scopes()), f.token_scopes()
+
+    f.clear()
+    dockerd.tag(f"{p.host}/{lib_repo}:v1", f"{p.host}/{lib_repo}:v2")
+    with pytest.raises(CommandError) as refused:
+        dockerd.push(f"{p.host}/{lib_repo}:v2")
+    assert "denied" in str(refused.value).lower()
+    assert not [r for r in f.requests if r.method in ("POST", "PUT", "PATCH", "DELETE")]
+    assert all(s.endswith(":pull") for s in f.token_scopes()), f.token_scopes()
+
+    client = http_client(p.url, ALICE)
+    f.clear()
+    r = client.raw("POST", f"{p.url}/v2/{lib_repo}/blobs/uploads/")
+    assert r.status == 403 and r.json()["errors"][0]["code"] == "DENIED"
+    assert not f.requests
+    query = urllib.parse.urlencode(
+        [("service", "registry.docker.io"), ("scope", f"repository:{lib_repo}:pull,push")]
+    )
+    assert (
+        client.raw("GET", f"{p.url}/auth?{query}", {"Authorization": _basic(ALICE)}).status == 200
+    )
+    assert f.token_scopes() == [f"repository:{lib_up}:pull"]
+    r = client.raw("GET", f"{p.url}/v2/{lib_repo}/manifests/v1")
+    assert _challenge(r)["scope"] == f"repository:{lib_repo}:pull"
