@@ -413,6 +413,16 @@ def test_gar_no_service_relative_location_large_headers(front, proxy, http_clien
     assert_front_saw_only(f, "gar", up)
     assert_tokens_mapped(f, "gar")
 
+    # A client that knows only the /v2/ challenge asks without a service: so does the
+    # token service get it.
+    f.clear()
+    scope = urllib.parse.quote(f"repository:{repo}:pull", safe="")
+    r = client.raw("GET", f"{p.url}/auth?scope={scope}", {"Authorization": _basic(ALICE)})
+    assert r.status == 200, r.body
+    assert [(t.path, t.service, t.scopes) for t in f.token_requests] == [
+        ("/v2/token", None, (f"repository:{up}:pull",))
+    ]
+
 
 def test_acr_realm_elsewhere_service_with_colons_account_oauth_post_oss_redirect(
     front, proxy, http_client, make_image, unique
