@@ -27,6 +27,10 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 
 from regrewrite import api, auth, decide, realm
 from regrewrite.addons import patches
+from regrewrite.addons.accesslog import AccessLog
+from regrewrite.addons.health import Health
+from regrewrite.addons.metrics import Metrics
+from regrewrite.addons.trusted import TrustedProxies
 from regrewrite.api import Origin
 from regrewrite.contentview import (
     RegistryContentview,
@@ -364,7 +368,8 @@ class RegistryRewrite:
         """A replayed flow is mapped anew, with the rules in force now: it shows (and was
         edited in) client names since it went upstream the first time."""
         meta = flow.metadata
-        for key in [k for k in meta if k.startswith("registry_")]:
+        # (registry_public is this pass's: TrustedProxies ran before the core.)
+        for key in [k for k in meta if k.startswith("registry_") and k != "registry_public"]:
             del meta[key]
         flow.comment, flow.marked = "", ""
         kept = self.replay_secrets.get(flow, {})
@@ -396,7 +401,7 @@ class RegistryRewrite:
         _answer(flow, http.Response.make(401, body, headers), "auth: 401 challenge")
 
     def _public(self, flow: http.HTTPFlow) -> Origin:
-        return self.public or _client_origin(flow)
+        return self.public or flow.metadata.get("registry_public") or _client_origin(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -977,4 +982,7 @@ def _client_origin(flow: http.HTTPFlow) -> Origin:
     return Origin("http", host, port)
 
 
-addons = [RegistryRewrite()]
+# Health answers /livez and /readyz and TrustedProxies reads forwarding headers before
+# the core drops them; both must come first.
+# Metrics and AccessLog read what the core decided, so they come after it.
+addons = [Health(), TrustedProxies(), RegistryRewrite(), Metrics(), AccessLog()]

@@ -25,8 +25,9 @@ REQUEST_BODY_CAP = 64 << 10
 RESPONSE_BODY_CAP = 4 << 20  # distribution's own manifest limit
 
 WRITE_ACTIONS = frozenset({"push", "delete", "*"})
-# Request methods by what they do to a repository.
-_WRITE_METHODS = {"PUT": "push", "POST": "push", "PATCH": "push", "DELETE": "delete"}
+# What a request method does to a repository: only these read; DELETE deletes; any
+# other method (PUT, POST, PATCH, and methods no registry knows) counts as a push.
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def decide_request(
     if code is not None:
         detail = {"reference": repo.reference}
         return endpoint, Refusal(400, code, f"malformed {repo.kind} path", detail)
-    action = _WRITE_METHODS.get(method, "pull")
+    action = "pull" if method in _READ_METHODS else "delete" if method == "DELETE" else "push"
     if action not in route.actions:
         return endpoint, Refusal(
             403,
