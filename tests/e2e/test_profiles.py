@@ -27,7 +27,7 @@ from tests.e2e.images import digest_of
 from tests.e2e.profiles import ACR_SERVICE, PROFILES, RATE_LIMITED_MARK, Front
 from tests.e2e.proxycheck import push_image_raw
 from tests.e2e.regclient import parse_challenge
-from tests.e2e.upstream import ALICE
+from tests.e2e.upstream import ALICE, SkopeoError
 
 # Client prefix -> upstream prefix, per profile. The upstream side lives where the
 # session's ACL lets alice push (acme_team/*, library/*) and anyone pull
@@ -310,7 +310,7 @@ def test_hub_rate_limit_headers_blob_redirect_and_429(
 
 
 def test_ghcr_placeholder_scope_anonymous_push_denied_blob_redirect(
-    front, proxy, http_client, make_image, unique
+    front, proxy, http_client, skopeo, make_image, unique
 ):
     """ghcr.io: /v2/ challenges with scope repository:user/image:pull, which names no
     repository of the client's; anonymous pull,push is refused 403 DENIED, pull alone is
@@ -349,6 +349,15 @@ def test_ghcr_placeholder_scope_anonymous_push_denied_blob_redirect(
     client = http_client(p.url, ALICE)
     _blob_redirect(f, client, repo, image.layers[0].digest, 307)
     assert_front_saw_only(f, "ghcr", up)
+
+    # skopeo pushing anonymously gets the registry's refusal, and nothing is written.
+    f.clear()
+    with pytest.raises(SkopeoError) as refused:
+        skopeo.copy(image.ref, f"docker://{p.host}/{repo}:anon", dest_anonymous=True)
+    # (as skopeo says against ghcr.io: "Requesting bearer token: ... 403 (Forbidden)")
+    assert "bearer token" in refused.value.stderr and "403" in refused.value.stderr
+    assert [t.status for t in f.token_requests] == [403]
+    assert not [r for r in f.requests if r.method in ("POST", "PUT", "PATCH")]
 
 
 def test_quay_blob_302_with_long_cache_control(front, proxy, http_client, make_image, unique):
