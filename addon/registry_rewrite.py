@@ -140,6 +140,7 @@ class RegistryRewrite:
                 f"registry: {len(self.rules.names.rules)} rules from {path}, "
                 f"unmatched names: {self.rules.unmatched}"
             )
+            _log_aliases(self.rules)
         if "registry_public_url" in updated:
             self.public = parse_public_url(ctx.options.registry_public_url)
         if "registry_token_timeout" in updated and ctx.options.registry_token_timeout <= 0:
@@ -274,6 +275,7 @@ class RegistryRewrite:
         self.cursors.clear()
         self.reloads["ok"] += 1
         logger.info(f"registry: reloaded {len(rules.names.rules)} rules from {path}")
+        _log_aliases(rules)
 
     # --- requests -----------------------------------------------------------------
 
@@ -756,6 +758,18 @@ class RegistryRewrite:
         flow.metadata[patches.CAP_ERROR] = api.registry_error(
             "UNAVAILABLE", message=f"the proxy could not rewrite the upstream's answer: {reason}"
         ).decode()
+
+
+def _log_aliases(rules: Rules, most: int = 20) -> None:
+    """Say which rules overlap: not an error (the first rule wins both ways), but a
+    client name that works as an alias may surprise whoever wrote the rules."""
+    for alias in rules.aliases[:most]:
+        logger.info(
+            f"registry: {alias.later} is an alias of {alias.earlier} for names such as "
+            f"{alias.example} (they map back through the earlier rule)"
+        )
+    if len(rules.aliases) > most:
+        logger.info(f"registry: ... and {len(rules.aliases) - most} more overlapping pairs")
 
 
 def parse_public_url(url: str | None) -> Origin | None:
