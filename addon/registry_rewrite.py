@@ -27,6 +27,11 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 
 from regrewrite import api, auth, decide, realm
 from regrewrite.addons import patches
+from regrewrite.addons.accesslog import AccessLog
+from regrewrite.addons.decisionlog import DecisionLog
+from regrewrite.addons.health import Health
+from regrewrite.addons.metrics import Metrics
+from regrewrite.addons.trusted import TrustedProxies
 from regrewrite.api import Origin
 from regrewrite.contentview import (
     RegistryContentview,
@@ -35,6 +40,7 @@ from regrewrite.contentview import (
     describe_rules,
     token_shortfall,
 )
+from regrewrite.explain import explain
 from regrewrite.rules import Rules, RulesError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +82,9 @@ class RegistryRewrite:
         self.token_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.work_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.failures_logged: set[tuple[str, str]] = set()
+        # Credentials of the flows in memory, for replays in this process (weak keys:
+        # they go when mitmweb or the console drops the flow).
+        self.replay_secrets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # mitmweb, mitmproxy and mitmdump show registry messages through this view.
         self.contentview = RegistryContentview(lambda: self.rules)
 
@@ -134,6 +143,7 @@ class RegistryRewrite:
                 f"registry: {len(self.rules.names.rules)} rules from {path}, "
                 f"unmatched names: {self.rules.unmatched}"
             )
+            _log_aliases(self.rules)
         if "registry_public_url" in updated:
             self.public = parse_public_url(ctx.options.registry_public_url)
         if "registry_token_timeout" in updated and ctx.options.registry_token_timeout <= 0:
@@ -192,6 +202,15 @@ class RegistryRewrite:
         )
         logger.info(f"registry.rules:\n{text}")
         return text
+
+    @command.command("registry.explain")
+    def explain_command(self, text: str) -> str:
+        """Where a client name goes (rule, upstream name, upstream, realm, service) or why
+        it is refused; which client name an upstream name is shown as; or the scope a
+        token request sends upstream for a scope such as repository:team/app:pull,push."""
+        answer = explain(self.rules, text, self.learned)
+        logger.info(f"registry.explain {text}:\n{answer}")
+        return answer
 
     @property
     def realm(self) -> str | None:
@@ -259,6 +278,7 @@ class RegistryRewrite:
         self.cursors.clear()
         self.reloads["ok"] += 1
         logger.info(f"registry: reloaded {len(rules.names.rules)} rules from {path}")
+        _log_aliases(rules)
 
     # --- requests -----------------------------------------------------------------
 
@@ -273,6 +293,10 @@ class RegistryRewrite:
     def _requestheaders(self, flow: http.HTTPFlow) -> None:
         rules = self.rules
         req = flow.request
+        if flow.is_replay == "request":
+            self._prepare_replay(flow)
+        else:
+            self._keep_for_replay(flow, "authorization", req.headers.get("Authorization"))
         _drop_client_authority(req)
         # In reverse mode the request already targets the default upstream.
         default = Origin(req.scheme, req.host, req.port)
@@ -320,6 +344,10 @@ class RegistryRewrite:
         meta = flow.metadata
         # From here on nothing can fail: plain assignments of checked values.
         req = flow.request
+        # The client's own request line, to show it again once the flow has gone
+        # upstream (so a person reads, edits and replays it in client names).
+        meta["registry_client_target"] = req.path
+        meta["registry_upstream_target"] = d.target
         if basic:
             del req.headers["Authorization"]
         if origin != default:
@@ -339,6 +367,34 @@ class RegistryRewrite:
         if d.comment:
             flow.comment = d.comment + (" · client's Basic credentials withheld" if basic else "")
 
+    def _keep_for_replay(self, flow: http.HTTPFlow, what: str, secret: str | None) -> None:
+        """Keep a credential in memory, for a replay of this flow in this process; never
+        in the flow (which mitmweb shows and flow files save). Gone with the flow."""
+        if secret:
+            self.replay_secrets.setdefault(flow, {})[what] = secret
+
+    def _prepare_replay(self, flow: http.HTTPFlow) -> None:
+        """A replayed flow is mapped anew, with the rules in force now: it shows (and was
+        edited in) client names since it went upstream the first time."""
+        meta = flow.metadata
+        # (registry_public is this pass's: TrustedProxies ran before the core.)
+        for key in [k for k in meta if k.startswith("registry_") and k != "registry_public"]:
+            del meta[key]
+        flow.comment, flow.marked = "", ""
+        kept = self.replay_secrets.get(flow, {})
+        req = flow.request
+        redacted = [v for k, v in req.headers.fields if k.lower() == b"authorization"]
+        note = "replay"
+        if redacted:
+            req.headers.pop("Authorization", None)
+            if "authorization" in kept:
+                req.headers["Authorization"] = kept["authorization"]
+            else:
+                note = "replay without credentials (flows keep none once saved)"
+        if "form" in kept and req.method == "POST":
+            req.content = kept["form"].encode()
+        meta["registry_replay"] = note
+
     def _answer_ping(self, flow: http.HTTPFlow) -> None:
         """``/v2/`` with several upstreams: a client authenticated for any of them may
         go on; others are told to fetch a token from this proxy."""
@@ -354,7 +410,7 @@ class RegistryRewrite:
         _answer(flow, http.Response.make(401, body, headers), "auth: 401 challenge")
 
     def _public(self, flow: http.HTTPFlow) -> Origin:
-        return self.public or _client_origin(flow)
+        return self.public or flow.metadata.get("registry_public") or _client_origin(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -378,6 +434,7 @@ class RegistryRewrite:
                 _refuse(flow, decide.Refusal(400, "UNSUPPORTED", "token form is not ASCII"))
                 return
             form = raw.decode("ascii")
+            self._keep_for_replay(flow, "form", form)
         registry, map_name = decide.token_upstream(rules, query, form)
         upstream = rules.upstreams[registry]
         flow.metadata["registry_upstream_key"] = upstream.key
@@ -527,12 +584,12 @@ class RegistryRewrite:
     # --- responses ----------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        _redact_credentials(flow)
-        if flow.metadata.get("registry_answered") or flow.response is None:
-            return
-        if flow.metadata.get("registry_decision") != "mapped" or not flow.live:
-            return  # (a flow loaded from a file was rewritten when it was live)
         try:
+            _redact_credentials(flow)
+            if flow.metadata.get("registry_answered") or flow.response is None:
+                return
+            if flow.metadata.get("registry_decision") != "mapped" or not flow.live:
+                return  # (a flow loaded from a file was rewritten when it was live)
             self._responseheaders(flow)
         except Exception as e:  # noqa: BLE001 - fail closed, whatever went wrong
             self._fail(flow, "responseheaders", e)
@@ -619,15 +676,30 @@ class RegistryRewrite:
             flow.metadata["registry_kept_manifest"] = True
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("registry_decision") == "mapped":
+            # mitmproxy answers the client itself (upstream unreachable, reset, a cap).
+            flow.metadata["registry_decision"] = "error"
         _redact_credentials(flow)
+        _show_client_request(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._response(flow)
+        finally:
+            if flow.live:
+                _show_client_request(flow)
+                if "registry_replay" in flow.metadata:
+                    flow.comment = f"{flow.metadata['registry_replay']} · {flow.comment}"
+
+    async def _response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if resp is None or flow.metadata.get("registry_answered") or not flow.live:
+        if resp is None or not flow.live:
             return
         if "registry_failed" in flow.metadata:
             # responseheaders failed on a response without a body: it never goes out.
             _fail_response(flow, flow.metadata["registry_failed"])
+            return
+        if flow.metadata.get("registry_answered"):
             return
         kind = flow.metadata.get("registry_rewrite")
         if resp.stream or kind is None:
@@ -635,9 +707,9 @@ class RegistryRewrite:
         try:
             rules = self.flow_rules.get(flow, self.rules)
             path = api.split_target(flow.request.path)[0]
-            content = resp.raw_content or b""
-            if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
-                content = resp.get_content(strict=True) or b""
+            content = decide.decode_body(
+                resp.raw_content or b"", resp.headers.get("Content-Encoding", "")
+            )
             args = (kind, content, path, _client_names(rules, flow))
             if len(content) > INLINE_REWRITE and self.work_pool is not None:
                 loop = asyncio.get_running_loop()
@@ -693,6 +765,18 @@ class RegistryRewrite:
         flow.metadata[patches.CAP_ERROR] = api.registry_error(
             "UNAVAILABLE", message=f"the proxy could not rewrite the upstream's answer: {where}"
         ).decode()
+
+
+def _log_aliases(rules: Rules, most: int = 20) -> None:
+    """Say which rules overlap: not an error (the first rule wins both ways), but a
+    client name that works as an alias may surprise whoever wrote the rules."""
+    for alias in rules.aliases[:most]:
+        logger.info(
+            f"registry: {alias.later} is an alias of {alias.earlier} for names such as "
+            f"{alias.example} (they map back through the earlier rule)"
+        )
+    if len(rules.aliases) > most:
+        logger.info(f"registry: ... and {len(rules.aliases) - most} more overlapping pairs")
 
 
 def parse_public_url(url: str | None) -> Origin | None:
@@ -781,6 +865,8 @@ def _refuse(flow: http.HTTPFlow, refusal: decide.Refusal) -> None:
     meta["registry_refused"] = meta["registry_answered"] = True
     meta["registry_decision"] = "denied" if refusal.status < 500 else "error"
     meta["registry_error_code"] = refusal.code
+    if refusal.client_name is not None:
+        meta["registry_client_name"] = refusal.client_name
     meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
     meta[patches.CAP_ERROR] = api.registry_error(
         refusal.code,
@@ -809,6 +895,21 @@ def _fail_response(flow: http.HTTPFlow, reason: str) -> None:
     meta["registry_error_code"] = "UNAVAILABLE"
     flow.marked = ":no_entry:"
     flow.comment = f"{flow.comment} · failed: {reason}" if flow.comment else f"failed: {reason}"
+
+
+def _show_client_request(flow: http.HTTPFlow) -> None:
+    """Once a flow has gone upstream, show the request as the client sent it (its path
+    and the reverse-mode target): what a person reads and edits, and what a replay maps
+    anew. What went upstream stays in the comment and in ``registry_upstream_target``."""
+    meta = flow.metadata
+    target = meta.pop("registry_client_target", None)
+    if target is None:
+        return
+    default = meta.get("registry_default")
+    req = flow.request
+    req.path = target
+    if default is not None:
+        req.scheme, req.host, req.port = default[0], default[1], default[2]
 
 
 def _client_names(rules: Rules, flow: http.HTTPFlow) -> api.MapName:
@@ -917,4 +1018,7 @@ def _client_origin(flow: http.HTTPFlow) -> Origin:
     return Origin("http", host, port)
 
 
-addons = [RegistryRewrite()]
+# Health answers /livez and /readyz and TrustedProxies reads forwarding headers before
+# the core drops them; both must come first.
+# Metrics, AccessLog and DecisionLog read what the core decided, so they come after it.
+addons = [Health(), TrustedProxies(), RegistryRewrite(), Metrics(), AccessLog(), DecisionLog()]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import json
 import re
@@ -323,14 +322,12 @@ def _sorted_actions(scopes: str) -> str:
 
 
 def parse_json(data: bytes) -> Any:
-    """The JSON object in ``data``, or None; cheap for anything that is not one."""
+    """The JSON object in ``data``, or None; cheap for anything that is not one.
+
+    Not cached: a cache would keep token responses (secrets) and 4 MiB manifests in
+    memory after their flows are gone; the view parses only what someone looks at."""
     if not data or len(data) > MAX_JSON or data.lstrip()[:1] != b"{":
         return None
-    return _parse_json(data)
-
-
-@functools.lru_cache(maxsize=16)
-def _parse_json(data: bytes) -> Any:
     try:
         doc = json.loads(data)
     except ValueError:
@@ -579,17 +576,31 @@ def describe_rules(
             mirror_of = getattr(up, "mirror_of", ())
             if mirror_of:
                 lines.append(f"{prefix} mirror of: {', '.join(mirror_of)}")
-            credentials = getattr(up, "credentials", None)
-            if credentials is not None:
-                lines.append(f"{prefix} credentials: user {credentials.username} (password hidden)")
+        credentials = getattr(up, "credentials", None)
+        if credentials is not None:
+            who = {
+                "client": "the client's own",
+                "anonymous": "none (anonymous)",
+                "account": f"the proxy's account {credentials.username} (password hidden)",
+            }[credentials.mode]
+            lines.append(f"{prefix} credentials: {who}")
         lines += _realm_lines(prefix, up.realm, up.service, *learned.get(key, (None, None)))
     lines.append("rules (the first that matches maps a name, both ways):")
     for i, rule in enumerate(rules.names.rules, start=1):
         registry = getattr(rule, "registry", 0)
         via = f" @{keys[registry]}" if registry and registry < len(keys) else ""
-        lines.append(f"  {i}. {rule.client.text} → {rule.upstream.text}{via}")
+        actions = getattr(rule, "actions", None)
+        only = (
+            f" (only {', '.join(sorted(actions))})"
+            if actions is not None and actions != frozenset({"pull", "push", "delete"})
+            else ""
+        )
+        lines.append(f"  {i}. {rule.client.text} → {rule.upstream.text}{via}{only}")
     if not n:
         lines.append("  (none)")
+    for alias in getattr(rules, "aliases", ()):
+        # Names both produce map back through the earlier rule; the later one's are aliases.
+        lines.append(f"  {alias.later} is an alias of {alias.earlier} for e.g. {alias.example}")
     return "\n".join(lines)
 
 

@@ -9,13 +9,14 @@ can only happen before anything was applied, and the addon turns it into a refus
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from . import api, auth
 from .api import Origin
-from .rules import Rules
+from .rules import Route, Rules, Unrouted
 
 # How much of a request body the proxy reads when it answers the request itself (token
 # forms, refusals), and how much of an upstream body it buffers to rewrite (tags/list,
@@ -25,8 +26,9 @@ REQUEST_BODY_CAP = 64 << 10
 RESPONSE_BODY_CAP = 4 << 20  # distribution's own manifest limit
 
 WRITE_ACTIONS = frozenset({"push", "delete", "*"})
-# Request methods by what they do to a repository.
-_WRITE_METHODS = {"PUT": "push", "POST": "push", "PATCH": "push", "DELETE": "delete"}
+# What a request method does to a repository: only these read; DELETE deletes; any
+# other method (PUT, POST, PATCH, and methods no registry knows) counts as a push.
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Refusal:
     code: str
     reason: str  # for the flow's comment and the log (never a secret)
     detail: Any = None
+    client_name: str | None = None  # the repository the client asked for, if any
 
     @property
     def body(self) -> bytes:
@@ -121,18 +124,19 @@ def decide_request(
     mirror = rules.mirror(ns) if ns else None
     route = resolve(rules, repo.name, mirror)
     if isinstance(route, Refusal):
-        return endpoint, route
+        return endpoint, replace(route, client_name=repo.name)
     code = repo.reference_error()
     if code is not None:
         detail = {"reference": repo.reference}
-        return endpoint, Refusal(400, code, f"malformed {repo.kind} path", detail)
-    action = _WRITE_METHODS.get(method, "pull")
-    if action not in route_actions(rules, route):
+        return endpoint, Refusal(400, code, f"malformed {repo.kind} path", detail, repo.name)
+    action = "pull" if method in _READ_METHODS else "delete" if method == "DELETE" else "push"
+    if action not in route.actions:
         return endpoint, Refusal(
             403,
             "DENIED",
             f"{repo.name} is read-only here ({action} not allowed)",
             {"name": repo.name, "action": action},
+            repo.name,
         )
     note = ""
     if repo.kind == "blobs/uploads" and api.query_value(query, "from") is not None:
@@ -184,53 +188,20 @@ def _catalog(rules: Rules, path: str, query: str, cursors: dict[str, str]) -> De
 # --- routing ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Route:
-    registry: int
-    name: str
-
-
 def resolve(rules: Rules, name: str, mirror: int | None = None) -> Route | Refusal:
-    """Where a client name goes, or the refusal. With a mirror hint the name is already
-    the upstream's own: it must be one a rule makes reachable."""
-    from .names import is_valid_name
-
-    if not is_valid_name(name):
-        return Refusal(400, "NAME_INVALID", f"invalid repository name {name!r}", {"name": name})
-    if mirror is not None:
-        if rules.client_name(name, mirror) is None:
-            return Refusal(404, "NAME_UNKNOWN", f"no rule reaches {name}", {"name": name})
-        return Route(mirror, name)
-    found = rules.names.lookup(name)
-    if found is None:
-        if rules.unmatched == "pass":
-            return Route(0, name)
-        return Refusal(404, "NAME_UNKNOWN", f"no rule for {name}", {"name": name})
-    if not is_valid_name(found.name):
-        return Refusal(
-            400,
-            "NAME_INVALID",
-            f"{name} maps to invalid upstream name {found.name!r}",
-            {"name": name},
-        )
-    return Route(found.registry, found.name)
-
-
-def route_actions(rules: Rules, route: Route) -> frozenset[str]:
-    actions = getattr(route, "actions", None)
-    return actions if actions is not None else frozenset({"pull", "push", "delete"})
+    """Where a client name goes (``Rules.resolve``, the one routing function), or the
+    registry error that refuses it."""
+    found = rules.resolve(name, mirror)
+    if isinstance(found, Unrouted):
+        status = 400 if found.code == "NAME_INVALID" else 404
+        return Refusal(status, found.code, found.reason, {"name": name})
+    return found
 
 
 def credentials_mode(rules: Rules, registry: int) -> str:
-    """Whose credentials go to upstream ``registry``: the client's, none, or the proxy's
-    own account."""
-    credentials = rules.upstreams[registry].credentials
-    mode = getattr(credentials, "mode", None)
-    if mode is not None:
-        return mode
-    if credentials is not None:
-        return "account"
-    return "client" if registry == 0 else "anonymous"
+    """Whose credentials go to upstream ``registry``: the client's ("client"), none
+    ("anonymous"), or the proxy's own account ("account")."""
+    return rules.upstreams[registry].credentials.mode
 
 
 # --- token requests -------------------------------------------------------------------
@@ -269,7 +240,7 @@ def allowed_actions(rules: Rules, mirror: int | None) -> auth.AllowActions:
 
     def allow(name: str) -> frozenset[str] | None:
         found = resolve(rules, name, mirror)
-        return route_actions(rules, found) if isinstance(found, Route) else None
+        return found.actions if isinstance(found, Route) else None
 
     return allow
 
@@ -439,6 +410,28 @@ def plan_response(
         keep=keep_manifest and rewrite_kind is None,
         learned=tuple(learned),
     )
+
+
+def decode_body(body: bytes, encoding: str, limit: int = RESPONSE_BODY_CAP) -> bytes:
+    """A body's bytes without its Content-Encoding, never more than ``limit`` of them
+    (a small gzip body can expand without bound). Raises ValueError past the limit or
+    for an encoding it does not decode."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise ValueError(f"cannot rewrite a body with Content-Encoding {encoding!r}")
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ValueError(f"bad {encoding} body: {e}") from e
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ValueError(f"{encoding} body expands past the {limit}-byte cap")
+    return out
 
 
 def rewrite_body(kind: str, body: bytes, path: str, client_name: api.MapName) -> bytes:

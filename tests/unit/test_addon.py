@@ -1,14 +1,18 @@
 """The addon's hooks on prepared flows (mitmproxy's taddons/tflow idiom); the upstream
 and its token realm are stood in for by monkeypatching ``realm.fetch``."""
 
+import asyncio
 import json
 import logging
+import os
+import threading
 
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.http import Response
 from mitmproxy.test import tflow, tutils
 
+import registry_rewrite
 from regrewrite import realm
 from regrewrite.auth import parse_challenges
 
@@ -380,7 +384,7 @@ def test_bad_rules_file_at_startup_is_logged_as_error(tctx, addon, tmp_path, cap
     bad.write_text("rules:\n  - client: '{a}'\n    upstream: 'x'\n")
     with caplog.at_level(logging.ERROR):
         tctx.configure(addon, registry_rules=str(bad))
-    assert "bad.yaml:2: rule 1: client '{a}' and upstream 'x' use different placeholders" in (
+    assert "bad.yaml:2: rule 1 ({a} -> x): client and upstream use different placeholders" in (
         caplog.text
     )
 
@@ -390,7 +394,9 @@ def test_bad_rules_file_while_running_is_an_options_error(tctx, addon, tmp_path)
     addon.started = True
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - client: '{a}'\n    upstream: 'x'\n")
-    with pytest.raises(exceptions.OptionsError, match=r"bad.yaml:2: rule 1: .*placeholders"):
+    with pytest.raises(
+        exceptions.OptionsError, match=r"bad.yaml:2: rule 1 \(\{a\} -> x\): .*placeholders"
+    ):
         tctx.configure(addon, registry_rules=str(bad))
     assert addon.rules.upstream_name("team/app") == "acme_team/app"
 
@@ -411,3 +417,91 @@ async def test_reload_takes_effect_and_invalid_edit_keeps_old_rules(
         await addon.reload_rules()
     assert "rule 3: missing 'upstream'" in caplog.text and "previous rules stay" in caplog.text
     assert addon.rules.upstream_name("team/app") == "newco_team/app"
+
+
+async def _watch_until(addon, done, rounds=100):
+    """Run the rules watcher (at a fast pace) until ``done()`` or ``rounds`` looks."""
+    task = asyncio.get_running_loop().create_task(addon._watch_rules())
+    try:
+        for _ in range(rounds):
+            await asyncio.sleep(0.02)
+            if done():
+                return True
+        return False
+    finally:
+        task.cancel()
+
+
+async def test_watcher_sees_a_copy_that_keeps_size_and_mtime(tctx, addon, rules_file, monkeypatch):
+    monkeypatch.setattr(registry_rewrite, "RELOAD_INTERVAL", 0.01)
+    stat = os.stat(rules_file)
+    # Same length, same mtime (as `cp -p` or `rsync -a` leave it): only the content differs.
+    rules_file.write_text(RULES.replace("acme_team", "acme_tean"))
+    os.utime(rules_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(rules_file).st_size == stat.st_size
+    assert await _watch_until(
+        addon, lambda: addon.rules.upstream_name("team/app") == "acme_tean/app"
+    )
+
+
+async def test_watcher_survives_any_exception_and_keeps_the_rules(
+    tctx, addon, rules_file, monkeypatch, caplog
+):
+    monkeypatch.setattr(registry_rewrite, "RELOAD_INTERVAL", 0.01)
+    real = registry_rewrite._parse_rules_file
+    calls = []
+
+    def broken(path, data):
+        calls.append(path)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the checker")  # not a RulesError
+        return real(path, data)
+
+    monkeypatch.setattr(registry_rewrite, "_parse_rules_file", broken)
+    rules_file.write_text(RULES.replace("acme_team", "first_team"))
+    with caplog.at_level(logging.ERROR):
+        assert await _watch_until(addon, lambda: len(calls) >= 1)
+    assert addon.rules.upstream_name("team/app") == "acme_team/app"  # kept
+    assert "reloading the rules failed" in caplog.text and addon.reloads["error"] == 1
+    # The watcher is still alive: the next edit takes effect.
+    rules_file.write_text(RULES.replace("acme_team", "second_team"))
+    assert await _watch_until(
+        addon, lambda: addon.rules.upstream_name("team/app") == "second_team/app"
+    )
+
+
+async def test_reload_runs_off_the_event_loop(tctx, addon, rules_file, monkeypatch):
+    loop_thread = threading.get_ident()
+    threads = []
+    real = registry_rewrite._parse_rules_file
+
+    def recording(path, data):
+        threads.append(threading.get_ident())
+        return real(path, data)
+
+    monkeypatch.setattr(registry_rewrite, "_parse_rules_file", recording)
+    await addon.reload_rules()
+    assert threads and loop_thread not in threads
+
+
+def test_a_checker_bug_is_a_rules_error(monkeypatch, tmp_path):
+    # StopIteration cannot cross a Future (asyncio raises TypeError and the reload would
+    # hang): the parse step turns any exception into a RulesError inside the thread.
+    def bug(text, source):
+        raise StopIteration
+
+    monkeypatch.setattr("regrewrite.rules.parse_rules", bug)
+    with pytest.raises(registry_rewrite.RulesError, match="cannot check the rules"):
+        registry_rewrite._parse_rules_file(str(tmp_path / "r.yaml"), b"rules: []")
+
+
+def test_overlapping_rules_load_and_are_logged_as_aliases(tctx, addon, tmp_path, caplog):
+    rules_file = tmp_path / "hub.yaml"
+    rules_file.write_text(
+        'rules:\n  - client: "hub/{name}"\n    upstream: "library/{name}"\n'
+        '  - client: "hub/{org}/{name}"\n    upstream: "{org}/{name}"\n'
+    )
+    with caplog.at_level(logging.INFO):
+        tctx.configure(addon, registry_rules=str(rules_file))
+    assert addon.rules.route("hub/library/nginx").name == "library/nginx"
+    assert "rule 2 (hub/{org}/{name} -> {org}/{name}) is an alias of rule 1" in caplog.text

@@ -643,9 +643,14 @@ def test_registry_rules_with_several_upstreams(monkeypatch):
     assert "upstream hub: https://hub.test\nupstream hub mirror of: docker.io" in text
     assert "upstream hub realm: https://auth.hub.test/token (learned" in text
     assert "upstream ghcr realm: https://ghcr.test:8443/token (from the rules file)" in text
-    assert "upstream ghcr credentials: user robot (password hidden)" in text
+    assert "upstream ghcr credentials: the proxy's account robot (password hidden)" in text
     assert "pw-SECRET" not in text
-    assert "  3. hub/{name} → library/{name} @hub\n  4. ghcr/{r:path} → {r:path} @ghcr" in text
+    assert "upstream hub credentials: none (anonymous)" in text
+    # The robot account's rules are read-only unless they say otherwise: shown as such.
+    assert (
+        "  3. hub/{name} → library/{name} @hub\n  4. ghcr/{r:path} → {r:path} @ghcr (only pull)"
+        in text
+    )
     # Views name the right repository on either side, whichever upstream holds it.
     assert cv.client_namer(rules)("library/x") == "x"
     assert cv.upstream_namer(rules)("hub/nginx") == "library/nginx @hub"
@@ -738,7 +743,7 @@ def test_metadata_is_json_serialisable_for_flow_files():
     assert json.loads(json.dumps(info)) == info
 
 
-def test_parse_json_cache_is_not_fooled_by_equal_prefix():
+def test_parse_json_tells_documents_apart():
     a = b'{"name":"a","tags":[]}'
     b = b'{"name":"b","tags":[]}'
     assert cv.parse_json(a)["name"] == "a" and cv.parse_json(b)["name"] == "b"

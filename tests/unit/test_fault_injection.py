@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 
 import pytest
@@ -24,7 +25,7 @@ from mitmproxy.http import Response
 from mitmproxy.test import taddons
 
 import registry_rewrite
-from regrewrite import api, auth, decide, names, realm, rules
+from regrewrite import api, auth, decide, realm, rules
 from regrewrite.addons import patches
 from tests.unit.test_addon import flow
 
@@ -135,6 +136,18 @@ CORPUS = [
         ),
     ),
     (
+        "tags-gzip",
+        "GET",
+        "/v2/team/app/tags/list",
+        [],
+        b"",
+        (
+            200,
+            [*JSON, ("Content-Encoding", "gzip")],
+            gzip.compress(b'{"name":"acme_team/app","tags":["a"]}'),
+        ),
+    ),
+    (
         "catalog",
         "GET",
         "/v2/_catalog?n=2",
@@ -175,12 +188,12 @@ CORPUS = [
         ),
     ),
     (
-        "ghcr-push-start",
-        "POST",
-        "/v2/ghcr/org/tool/blobs/uploads/",
+        "ghcr-pull-redirect",
+        "GET",
+        "/v2/ghcr/org/tool/manifests/1",
         [],
         b"",
-        (202, [("Location", "https://ghcr.test:8443/v2/ghorg_x/org/tool/blobs/uploads/u")], b""),
+        (307, [("Location", "https://ghcr.test:8443/v2/ghorg_x/org/tool/blobs/sha256:ab")], b""),
     ),
     (
         "token-get",
@@ -279,7 +292,8 @@ TARGETS = [
     (auth, "set_form_value"),
     (auth, "redact_form"),
     (auth, "basic_credentials"),
-    (names, "is_valid_name"),
+    (rules.Rules, "resolve"),
+    (decide, "decode_body"),
     (rules.Rules, "client_name"),
     (rules.Rules, "upstream_name"),
     (rules.Rules, "mirror"),

@@ -555,3 +555,20 @@ def test_location_with_a_host_nobody_can_place_fails_the_flow(hooks, location):
     asyncio.run(hooks.response(f))
     assert f.response.status_code == 502
     assert "acme_team" not in str(f.response.headers) + f.response.text
+
+
+def test_encoded_bodies_are_decoded_within_the_cap():
+    import gzip
+    import zlib
+
+    from regrewrite import decide
+
+    doc = b'{"name":"acme_team/app","tags":["1"]}'
+    assert decide.decode_body(gzip.compress(doc), "gzip") == doc
+    assert decide.decode_body(zlib.compress(doc), "deflate") == doc
+    assert decide.decode_body(doc, "identity") == doc
+    bomb = gzip.compress(b"\0" * (decide.RESPONSE_BODY_CAP + 1))  # ~4 KiB on the wire
+    assert len(bomb) < 64 << 10
+    for body, encoding in ((bomb, "gzip"), (b"not gzip", "gzip"), (doc, "br")):
+        with pytest.raises(ValueError):
+            decide.decode_body(body, encoding)
