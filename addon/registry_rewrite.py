@@ -841,6 +841,10 @@ def _secret_free(e: BaseException) -> str:
 def _answer(flow: http.HTTPFlow, response: http.Response, comment: str) -> None:
     """Answer the client ourselves (not an error)."""
     flow.request.stream = False  # never stream a flow we answer
+    # A body sent along (POST /v2/ to the ping answer) is not read past the cap either:
+    # without one mitmproxy read it whole into memory before answering.
+    flow.metadata.setdefault(patches.REQUEST_CAP, decide.REQUEST_BODY_CAP)
+    flow.request.headers.pop("Expect", None)  # (see _refuse)
     flow.response = response
     flow.metadata["registry_answered"] = True
     flow.metadata["registry_decision"] = "answered"

@@ -314,3 +314,16 @@ async def test_unreadable_password_file_names_the_upstream(tmp_path, monkeypatch
         await addon.request(f)
     assert error_of(f) == (502, "UNAVAILABLE", {"upstream": "ghcr"})
     assert fake.calls == []
+
+
+@pytest.mark.parametrize("auth", [[], [("Authorization", "Bearer abc")]])
+def test_ping_answer_caps_the_request_body(addon, auth):
+    # The ping is answered by the proxy; a body sent with it was read whole (no cap).
+    from regrewrite import decide
+    from regrewrite.addons import patches
+
+    f = flow("/v2/", "POST", headers=[*auth, ("Expect", "100-continue")])
+    addon.requestheaders(f)
+    assert f.response is not None
+    assert f.metadata[patches.REQUEST_CAP] == decide.REQUEST_BODY_CAP
+    assert "Expect" not in f.request.headers
