@@ -179,6 +179,18 @@ def test_256mib_bodies_to_answered_flows_stay_under_150mb(
             assert "limit" in json.dumps(doc) or str(REQUEST_CAP) in json.dumps(doc), doc
     peak = peak_rss(pid)
     print(f"\nmitmdump peak RSS after 8 x 256 MiB to answered flows: {peak / 1e6:.0f} MB")
+    # With several upstreams the proxy answers /v2/ itself: a body sent there too.
+    multi_proxy = proxy(_rules_with_b(registry.url))
+    reset_peak_rss(multi_proxy.proc.pid)
+    for chunked in (False, True):
+        status, hdrs, body, sent = send_streaming(
+            LOOPBACK, multi_proxy.port, "POST", b"/v2/", {}, BIG, chunked=chunked
+        )
+        assert_json_error(status, hdrs, body, 413)
+        figures.append(f"POST /v2/ (several upstreams) chunked={chunked}: {sent >> 20} MiB")
+    multi_peak = peak_rss(multi_proxy.proc.pid)
+    print(f"mitmdump peak RSS after 2 x 256 MiB POST /v2/: {multi_peak / 1e6:.0f} MB")
+    assert multi_peak < RSS_LIMIT, f"mitmdump peak RSS {multi_peak / 1e6:.0f} MB"
     print("client bytes sent before the proxy answered: " + "; ".join(figures))
     assert peak < RSS_LIMIT, f"mitmdump peak RSS {peak / 1e6:.0f} MB"
     # Nothing of it reached the registry or the token service.
