@@ -21,6 +21,7 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.net.http.http1 import assemble_response
 
 from regrewrite import api, auth, realm
+from regrewrite.addons.cache import BlobCache
 from regrewrite.api import Origin
 from regrewrite.contentview import (
     RegistryContentview,
@@ -843,4 +844,4 @@ def _stamp(path: str) -> tuple[float, int] | None:
     return st.st_mtime, st.st_size
 
 
-addons = [RegistryRewrite()]
+addons = [RegistryRewrite(), BlobCache()]
