@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.clients import CONTAINERD_TOOLS, DOCKER_TOOLS, Containerd, Dockerd, require_tools
 from tests.e2e.conftest import require_tool
 from tests.e2e.faultkit import push_image
 from tests.e2e.proxycheck import RULES
@@ -441,3 +442,47 @@ def test_skopeo_pulls_warm_through_the_cache(registry, proxy, skopeo, pushed, un
     for digest in image.blob_digests:
         assert not upstream_gets(registry, digest), digest
         assert (tmp_path / "warm" / "blobs" / "sha256" / digest.split(":")[1]).exists()
+
+
+def _redirects(mitmdump) -> int:
+    return mitmdump.log_text().count("<< 307 Temporary Redirect")
+
+
+def test_docker_pulls_warm_through_the_cache(registry, proxy, pushed, unique, tmp_path):
+    require_tools(*DOCKER_TOOLS)
+    cache = tmp_path / "cache"
+    image = pushed(f"acme_team/dk-{unique}", layers=2, layer_size=300_000)
+    p = proxy(RULES, extra_args=cache_args(cache))
+    ref = f"{p.host}/team/dk-{unique}:v1"
+    with Dockerd() as dockerd:
+        dockerd.login(p.host, *ALICE)
+        assert dockerd.pull(ref) == image.digest
+        assert set(cached_files(cache)) >= set(image.blob_digests)
+        dockerd.remove_images(ref)
+        registry.mark()
+        before = _redirects(p)
+        assert dockerd.pull(ref) == image.digest
+    assert not [d for d in image.blob_digests if upstream_gets(registry, d)]
+    assert _redirects(p) - before >= len(image.layers)  # docker followed the redirects
+
+
+def test_ctr_pulls_warm_through_the_cache(registry, proxy, pushed, unique, tmp_path):
+    require_tools(*CONTAINERD_TOOLS)
+    cache = tmp_path / "cache"
+    image = pushed(f"acme_team/ctr-{unique}", layers=2, layer_size=300_000)
+    p = proxy(RULES, extra_args=cache_args(cache))
+    ref = f"{p.host}/team/ctr-{unique}:v1"
+    user = ":".join(BOB)
+    for warm in (False, True):  # a fresh containerd each time: an empty content store
+        with Containerd() as containerd:
+            containerd.configure_host(p.host, plain_http=True)
+            registry.mark()
+            before = _redirects(p)
+            containerd.pull(ref, user=user)
+            assert containerd.image_digest(ref) == image.digest
+        fetched = [d for d in image.blob_digests if upstream_gets(registry, d)]
+        if warm:
+            assert fetched == [] and _redirects(p) - before >= len(image.blob_digests)
+        else:
+            assert sorted(fetched) == sorted(image.blob_digests)
+            assert set(cached_files(cache)) >= set(image.blob_digests)
