@@ -55,6 +55,12 @@ class BlobServer:
     def port(self) -> int:
         return self.httpd.server_address[1]
 
+    @property
+    def local_host(self) -> str:
+        """An address of this server the proxy itself can connect to."""
+        host = self.httpd.server_address[0]
+        return "127.0.0.1" if host in ("", "0.0.0.0") else host
+
     def start(self) -> BlobServer:
         self.thread = threading.Thread(
             target=self.httpd.serve_forever,
