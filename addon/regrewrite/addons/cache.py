@@ -233,7 +233,9 @@ class BlobCache:
                         # Anonymous: the cache gives nothing; the upstream decides.
                         return self._bypass(flow, "anonymous")
                     if not authorised:
-                        authorised = await self._authorise(flow, upstream, repo.name, credential)
+                        authorised = await self._authorise(
+                            flow, upstream, repo.name, digest, credential
+                        )
                         if not authorised:
                             return self._bypass(flow, "not authorised")
                 if size is not None:
@@ -263,12 +265,16 @@ class BlobCache:
         _comment(flow, f"cache bypass ({why})")
 
     async def _authorise(
-        self, flow: http.HTTPFlow, upstream: str, name: str, credential: str
+        self, flow: http.HTTPFlow, upstream: str, name: str, digest: Digest, credential: str
     ) -> bool:
-        """Whether the upstream lets this credential read this blob (HEAD, client's own
-        Authorization), or a recent yes for the same credential and repository."""
+        """Whether the upstream lets this credential read this blob in this repository
+        (HEAD, the client's own Authorization), or a recent yes to the same question.
+
+        The remembered yes names the blob too: a right to one repository must not open
+        every cached blob to a client that names them under it (the upstream answers
+        404 for a blob the repository does not hold)."""
         now = time.time()
-        grant = Grants.key(credential, upstream, name)
+        grant = Grants.key(credential, upstream, f"{name}@{digest}")
         if self.grants.allowed(grant, now):
             return True
         req = flow.request
