@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -48,6 +50,10 @@ class BlobServer:
         # Files being sent right now (eviction leaves them alone).
         self.open_files: Counter[str] = Counter()
         self.lock = threading.Lock()
+        # TLS, when the proxy's clients speak it: per server name, the certificate the
+        # proxy itself presents for that name; the first one is the default (no SNI).
+        self.tls_default: ssl.SSLContext | None = None
+        self.tls_by_name: dict[str, ssl.SSLContext] = {}
         self.httpd = _Server((host, port), _Handler, self)
         self.thread: threading.Thread | None = None
 
@@ -77,6 +83,24 @@ class BlobServer:
         if self.thread is not None:
             self.thread.join(timeout=5)
 
+    def add_tls(self, name: str, context: ssl.SSLContext) -> None:
+        """Serve TLS for `name` with `context` (one port: plain HTTP and TLS are told
+        apart by the first byte a client sends)."""
+        with self.lock:
+            self.tls_by_name[name] = context
+            if self.tls_default is None:
+                context.sni_callback = self._pick_certificate
+                self.tls_default = context
+
+    def has_tls(self, name: str) -> bool:
+        with self.lock:
+            return name in self.tls_by_name
+
+    def _pick_certificate(self, sslobj, name, default) -> None:
+        chosen = self.tls_by_name.get(name) if name else None
+        if chosen is not None and chosen is not default:
+            sslobj.context = chosen
+
     def busy(self, path: str) -> bool:
         with self.lock:
             return self.open_files[path] > 0
@@ -95,6 +119,26 @@ class _Server(ThreadingHTTPServer):
             self.shutdown_request(request)  # bounded: never a thread per stray connection
             return
         super().process_request(request, client_address)
+
+    def finish_request(self, request, client_address):
+        tls = self.owner.tls_default
+        if tls is not None:
+            request.settimeout(IDLE_TIMEOUT)
+            try:
+                first = request.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return
+            if first == b"\x16":  # a TLS ClientHello
+                try:
+                    request = tls.wrap_socket(request, server_side=True)
+                except (OSError, ssl.SSLError):
+                    return
+                try:
+                    self.RequestHandlerClass(request, client_address, self)
+                finally:
+                    request.close()
+                return
+        self.RequestHandlerClass(request, client_address, self)
 
     def process_request_thread(self, request, client_address):
         try:
@@ -189,9 +233,38 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.end_headers()
         if not body:
+            self.end_headers()
             return
-        self.wfile.flush()
-        sent = self.connection.sendfile(f, offset=start, count=end - start + 1)
+        sock = self.connection
+        if isinstance(sock, ssl.SSLSocket):
+            self.end_headers()
+            self.wfile.flush()
+            self.server.owner.served(_send_tls(sock, f, start, end - start + 1))
+            return
+        # Headers and body leave in full segments (as nginx's tcp_nopush): without the
+        # cork the small header segment waits for the client's delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            self.end_headers()
+            self.wfile.flush()
+            sent = sock.sendfile(f, offset=start, count=end - start + 1)
+        finally:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         self.server.owner.served(sent)
+
+
+def _send_tls(sock: ssl.SSLSocket, f, offset: int, count: int) -> int:
+    """sendfile cannot encrypt: large reads and writes instead (the GIL is released
+    for both, and SSLSocket.sendfile would write 8 KiB at a time)."""
+    f.seek(offset)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    sent = 0
+    while sent < count:
+        n = f.readinto(view[: min(len(buf), count - sent)])
+        if not n:
+            break
+        sock.sendall(view[:n])
+        sent += n
+    return sent

@@ -20,14 +20,19 @@ never stored in flow.metadata or on disk (a grant is remembered under a hash of 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
+import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from mitmproxy import command, ctx, exceptions, http
 
 from regrewrite import api, realm
@@ -115,10 +120,10 @@ class BlobCache:
             "registry_cache_serve",
             str,
             "auto",
-            "How hits reach the client: redirect (307 to the local blob server, plain "
-            "HTTP, sendfile), through (the proxy fetches from the local blob server and "
-            "relays it), auto (redirect for plain-HTTP clients, through for TLS clients, "
-            "so a blob never travels unencrypted when its client asked for TLS).",
+            "How hits reach the client: auto (307 to the local blob server, over TLS with "
+            "the proxy's own certificate when the client came over TLS), redirect (307 "
+            "to plain HTTP even for TLS clients), through (the proxy relays the blob from "
+            "the local blob server: slowest).",
             choices=SERVE_MODES,
         )
         loader.add_option(
@@ -341,8 +346,13 @@ class BlobCache:
                 self.pins[path] = expires + 1
             target = f"/blobs/{quote(relpath)}?e={expires}&s={self.signer.sign(relpath, expires)}"
             mode = ctx.options.registry_cache_serve
-            if mode == "through" or (mode == "auto" and flow.client_conn.tls_established):
-                # Relayed by mitmproxy over the client's own (TLS) connection: slower than
+            host = _public_host(flow)
+            scheme = "http"
+            if mode == "auto" and flow.client_conn.tls_established:
+                # A client that asked for TLS gets the blob over TLS, or relayed.
+                scheme = "https" if self._serve_tls(host) else ""
+            if mode == "through" or not scheme:
+                # Relayed by mitmproxy over the client's own connection: slower than
                 # sendfile, but the blob never leaves in clear text.
                 _redact(flow)
                 req = flow.request
@@ -354,7 +364,7 @@ class BlobCache:
                 _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
                 await asyncio.to_thread(store.touch, path)
                 return True
-            location = f"http://{_public_host(flow)}:{self.server.port}{target}"
+            location = f"{scheme}://{host}:{self.server.port}{target}"
             flow.response = http.Response.make(
                 307,
                 b"",
@@ -366,6 +376,47 @@ class BlobCache:
         self.counts["hits"] += 1
         _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
         _redact(flow)
+        return True
+
+    def _serve_tls(self, host: str) -> bool:
+        """Let the blob server speak TLS for `host` with the certificate mitmproxy
+        presents for it (its --certs, or one from its CA); False if that fails."""
+        server = self.server
+        name = host.strip("[]")
+        if server.has_tls(name):
+            return True
+        tlsconfig = ctx.master.addons.get("tlsconfig")
+        certstore = getattr(tlsconfig, "certstore", None)
+        if certstore is None:
+            return False
+        try:
+            try:
+                san = x509.IPAddress(ipaddress.ip_address(name))
+            except ValueError:
+                san = x509.DNSName(name)
+            entry = certstore.get_cert(name, [san])
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            # load_cert_chain reads files only: a private directory, removed at once.
+            with tempfile.TemporaryDirectory(prefix="regcache-tls-") as tmp:
+                cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+                with open(cert, "wb") as f:
+                    f.write(entry.cert.to_pem())
+                    for extra in entry.chain_certs:
+                        f.write(extra.to_pem())
+                fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(
+                        entry.privatekey.private_bytes(
+                            serialization.Encoding.PEM,
+                            serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption(),
+                        )
+                    )
+                context.load_cert_chain(cert, key)
+        except (OSError, ValueError, ssl.SSLError) as e:
+            self._log_once("tls", f"registry cache: no TLS for the blob server ({e})")
+            return False
+        server.add_tls(name, context)
         return True
 
     # --- responses (misses) -------------------------------------------------------
