@@ -121,12 +121,12 @@ class Bench:
 
     # -- endpoints ---------------------------------------------------------------------
 
-    def proxy(self, cache: Path | None, *extra: str) -> Mitmdump:
+    def proxy(self, cache: Path | None, *extra: str, tls: bool = False) -> Mitmdump:
         args = list(extra)
         if cache is not None:
             args += ["--set", f"registry_cache_dir={cache}"]
             args += ["--set", f"registry_cache_port={free_port()}"]
-        m = Mitmdump(self.link.url, self.ca, RULES, extra_args=args).start()
+        m = Mitmdump(self.link.url, self.ca, RULES, tls=tls, extra_args=args).start()
         self.stack.callback(m.cleanup)
         return m
 
@@ -227,15 +227,21 @@ class Bench:
         """MB/s of one cached layer: nginx (sendfile) vs the blob server vs mitmproxy."""
         cache = self.fresh("cache")
         redirect = self.proxy(cache, "--set", "registry_cache_serve=redirect")
-        through = self.proxy(cache, "--set", "registry_cache_serve=through")
-        digest = self.image.layers[0].digest
-        path = f"/v2/{CLIENT_REPO}/blobs/{digest}"
-        scopes = [f"repository:{CLIENT_REPO}:pull"]
+        through = self.proxy(cache, "--set", "registry_cache_serve=through", tls=True)
+        tls_proxy = self.proxy(cache, tls=True)  # serve=auto: 307 to the blob server's TLS
+        big = build_image(self.work / "big", layers=1, layer_size=self.args.hit_mib * MiB)
+        direct = RegistryHTTP(self.registry.url, ALICE, self.ca.client_context(), timeout=300)
+        push_image(direct, UPSTREAM_REPO + "-big", big, "v1")
+        self.hit_blob_size = big.layers[0].size
+        digest = big.layers[0].digest
+        path = f"/v2/{CLIENT_REPO}-big/blobs/{digest}"
+        scopes = [f"repository:{CLIENT_REPO}-big:pull"]
         client = RegistryHTTP(redirect.url, ALICE, self.ca.client_context(), timeout=300)
         assert client.request("GET", path, scopes=scopes).status == 200  # the miss
         time.sleep(0.5)
         token = client._tokens[tuple(scopes)]
-        nginx_port = free_port()
+        tls_client = RegistryHTTP(tls_proxy.url, ALICE, self.ca.client_context(), timeout=300)
+        nginx_port, nginx_tls = free_port(), free_port()
         conf = self.work / "nginx-static.conf"
         conf.write_text(
             f"daemon off; worker_processes 1; pid {self.work}/nginx-static.pid;\n"
@@ -245,7 +251,10 @@ class Bench:
             f"  client_body_temp_path {self.work}/nb; proxy_temp_path {self.work}/np;\n"
             f"  fastcgi_temp_path {self.work}/nf; uwsgi_temp_path {self.work}/nu;\n"
             f"  scgi_temp_path {self.work}/ns;\n"
-            f"  server {{ listen {LOOPBACK}:{nginx_port}; root {cache}; }} }}\n"
+            f"  server {{ listen {LOOPBACK}:{nginx_port}; root {cache}; }}\n"
+            f"  server {{ listen {LOOPBACK}:{nginx_tls}  ssl; root {cache};\n"
+            f"    ssl_certificate {self.ca.cert_pem}; ssl_certificate_key {self.ca.key_pem}; }}\n"
+            "}\n"
         )
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf.write_text(user + conf.read_text())
@@ -260,21 +269,30 @@ class Bench:
             str(p.relative_to(cache)) for p in cache.glob(f"*/sha256/{digest.split(':')[1]}")
         ]
         speeds: dict[str, list[float]] = {
-            "nginx (sendfile), the file": [],
-            "blob server (sendfile), the signed URL": [],
-            "proxy 307 + blob server (curl -L, incl. authorisation HEAD)": [],
-            "proxy relays it (serve=through, incl. authorisation HEAD)": [],
+            "http: nginx (sendfile), the file": [],
+            "http: blob server (sendfile), the signed URL": [],
+            "http: proxy 307 + blob server (curl -L, incl. authorisation HEAD)": [],
+            "https: nginx, the file": [],
+            "https: blob server TLS, the signed URL": [],
+            "https: proxy 307 + blob server TLS (curl -L, incl. authorisation HEAD)": [],
+            "https: proxy relays it (serve=through, incl. authorisation HEAD)": [],
         }
         for _ in range(reps):
             r = client.request("GET", path, scopes=scopes)
             assert r.status == 307, r.status
+            r_tls = tls_client.request("GET", path, scopes=scopes)
+            assert r_tls.status == 307 and r_tls.header("Location").startswith("https:")
             auth = ["-H", f"Authorization: Bearer {token}"]
             names = list(speeds)
+            ca = ["--cacert", str(self.ca.ca_pem)]
             urls = {
                 names[0]: (f"http://{LOOPBACK}:{nginx_port}/{relpath}", []),
                 names[1]: (r.header("Location"), []),
                 names[2]: (f"{redirect.url}{path}", ["-L", *auth]),
-                names[3]: (f"{through.url}{path}", auth),
+                names[3]: (f"https://{LOOPBACK}:{nginx_tls}/{relpath}", ca),
+                names[4]: (r_tls.header("Location"), ca),
+                names[5]: (f"{tls_proxy.url}{path}", ["-L", *ca, *auth]),
+                names[6]: (f"{through.url}{path}", [*ca, *auth]),
             }
             for name, (url, headers) in urls.items():
                 out = subprocess.run(
@@ -315,7 +333,7 @@ def report(bench: Bench, speeds: dict[str, list[float]], args) -> str:
     if speeds:
         lines += [
             "",
-            f"Hit throughput, one {bench.image.layers[0].size / MiB:.0f} MiB layer, curl, "
+            f"Hit throughput, one {bench.hit_blob_size / MiB:.0f} MiB blob, curl, "
             f"MB/s (median of {len(next(iter(speeds.values())))}; all values):",
             "",
             "| served by | median MB/s | all |",
@@ -339,6 +357,7 @@ def main() -> None:
     ap.add_argument("--no-distribution", action="store_true")
     ap.add_argument("--concurrent", type=int, default=10)
     ap.add_argument("--hit-reps", type=int, default=5)
+    ap.add_argument("--hit-mib", type=int, default=128, help="blob size for hit throughput")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp, contextlib.ExitStack() as s:
