@@ -95,6 +95,7 @@ class BlobCache:
             ("hits", "misses", "waits", "bypass", "stored", "rejected", "evictions"), 0
         )
         self.counts.update(bytes_served=0, bytes_fetched=0)
+        self.collecting = False
 
     def load(self, loader):
         loader.add_option(
@@ -199,6 +200,11 @@ class BlobCache:
 
     def running(self):
         self.loop = asyncio.get_running_loop()
+        # With the Metrics addon loaded, its registry serves our counters too.
+        registry = getattr(ctx.master.addons.get("metrics"), "registry", None)
+        if registry is not None and not self.collecting:
+            registry.register(_Collector(self))
+            self.collecting = True
 
     def done(self):
         self._close()
@@ -346,11 +352,14 @@ class BlobCache:
                 self.pins[path] = expires + 1
             target = f"/blobs/{quote(relpath)}?e={expires}&s={self.signer.sign(relpath, expires)}"
             mode = ctx.options.registry_cache_serve
-            host = _public_host(flow)
+            public = _public_origin(flow)
+            host = f"[{public.host}]" if ":" in public.host else public.host
             scheme = "http"
-            if mode == "auto" and flow.client_conn.tls_established:
-                # A client that asked for TLS gets the blob over TLS, or relayed.
-                scheme = "https" if self._serve_tls(host) else ""
+            if mode == "auto" and (public.scheme == "https" or flow.client_conn.tls_established):
+                # A client that asked for TLS gets the blob over TLS, or relayed. (Behind
+                # a TLS-terminating balancer the blob server has no certificate it trusts.)
+                tls = flow.client_conn.tls_established and self._serve_tls(host)
+                scheme = "https" if tls else ""
             if mode == "through" or not scheme:
                 # Relayed by mitmproxy over the client's own connection: slower than
                 # sendfile, but the blob never leaves in clear text.
@@ -553,6 +562,29 @@ class BlobCache:
             logger.warning(message)
 
 
+class _Collector:
+    """registry_rewrite_cache_*_total, read from the addon's counters when scraped."""
+
+    METRICS = {
+        "hits": "Requests answered from the cache (after the upstream confirmed access).",
+        "misses": "Requests that fetched a blob upstream for the cache.",
+        "bytes_served": "Bytes the local blob server sent.",
+        "bytes_fetched": "Bytes of missed blobs that passed through to the cache writer.",
+        "evictions": "Blobs removed to stay under registry_cache_max_bytes.",
+    }
+
+    def __init__(self, owner: BlobCache) -> None:
+        self.owner = owner
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, text in self.METRICS.items():
+            yield CounterMetricFamily(
+                f"registry_rewrite_cache_{name}", text, value=self.owner.counts[name]
+            )
+
+
 def _mapped(flow: http.HTTPFlow) -> bool:
     """Whether the core sent this request upstream under a mapped name."""
     decision = flow.metadata.get("registry_decision")
@@ -591,15 +623,19 @@ def _manifest_type(content: bytes) -> str:
     return "application/vnd.oci.image.manifest.v1+json"
 
 
-def _public_host(flow: http.HTTPFlow) -> str:
-    """The host clients reach this proxy by (as the core derives the token realm)."""
-    url = ctx.options.registry_public_url if "registry_public_url" in ctx.options else None
+def _public_origin(flow: http.HTTPFlow) -> api.Origin:
+    """Where clients reach this proxy, as the core derives it for the token realm:
+    registry_public_url, else what a trusted balancer said, else the client connection."""
+    url = getattr(ctx.options, "registry_public_url", None)
     if url:
-        host = api.Origin.parse(url).host
-    else:
-        conn = flow.client_conn
-        host = conn.sni or conn.sockname[0] if conn.tls_established else conn.sockname[0]
-    return f"[{host}]" if ":" in host else host
+        return api.Origin.parse(url)
+    public = flow.metadata.get("registry_public")
+    if public is not None:
+        return api.Origin(*public)
+    conn = flow.client_conn
+    if conn.tls_established:
+        return api.Origin("https", conn.sni or conn.sockname[0], conn.sockname[1])
+    return api.Origin("http", conn.sockname[0], conn.sockname[1])
 
 
 def _comment(flow: http.HTTPFlow, note: str) -> None:
