@@ -516,3 +516,31 @@ def test_tls_clients_get_hits_over_tls(
     else:
         assert (status, location) == (200, None)
     assert not upstream_gets(registry, digest)
+
+
+def test_counters_in_the_metrics_endpoint(registry, proxy, http_client, pushed, unique, tmp_path):
+    import urllib.request
+
+    cache = tmp_path / "cache"
+    image = pushed(f"acme_team/{unique}/m", layers=1, layer_size=300_000)
+    digest = image.layers[0].digest
+    port = free_port()
+    args = cache_args(cache, "--set", f"registry_metrics=127.0.0.1:{port}")
+    p = proxy(RULES, extra_args=args)
+    client = http_client(p.url, ALICE)
+    repo = f"team/{unique}/m"
+    assert [fetch(client, repo, digest)[0] for _ in range(3)] == [200, 307, 307]
+    time.sleep(0.3)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("registry_rewrite_cache_")
+    }
+    size = len(layer_bytes(image, digest))
+    assert values["registry_rewrite_cache_misses_total"] == 1
+    assert values["registry_rewrite_cache_hits_total"] == 2
+    assert values["registry_rewrite_cache_bytes_fetched_total"] == size
+    assert values["registry_rewrite_cache_bytes_served_total"] == 2 * size
+    assert values["registry_rewrite_cache_evictions_total"] == 0

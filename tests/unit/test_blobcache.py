@@ -271,7 +271,7 @@ def test_only_gets_by_digest_of_mapped_flows_are_looked_at(tmp_path, monkeypatch
         async def run():
             cache.loop = asyncio.get_running_loop()
             await cache.requestheaders(miss)
-            assert miss.id in cache.pending and "cache miss" in miss.comment
+            assert miss.id in cache.pending  # noted as a miss once the upstream says 200
             cache.error(miss)  # the download failed: waiters are let go
             assert miss.id not in cache.pending and len(cache.flights) == 0
 

@@ -238,28 +238,32 @@ class BlobCache:
         waited = False
         try:
             while True:
+                # The flight is looked at before the disk: a download lands only after
+                # its file is in place, so "no file" and "no flight" seen in this order
+                # cannot hide a download that finished during the look (measured: it
+                # did, and the blob was fetched twice).
+                flight = self.flights.get(key)
                 size = await asyncio.to_thread(self.store.size, upstream, digest)
-                if size is not None or self.flights.get(key) is not None:
-                    if not credential:
-                        # Anonymous: the cache gives nothing; the upstream decides.
-                        return self._bypass(flow, "anonymous")
+                if size is None and flight is None:
+                    flight = self.flights.get(key)  # one that started during the look
+                if size is None and flight is None:
+                    # A miss: this flow fetches for everyone asking meanwhile.
+                    # (Counted and noted once the upstream answers 200: a refusal is none.)
+                    self.pending[flow.id] = _Pending(key, repo.kind, self.flights.start(key))
+                    return
+                if not credential:
+                    # Anonymous: the cache gives nothing; the upstream decides.
+                    return self._bypass(flow, "anonymous")
+                if not authorised:
+                    authorised = await self._authorise(
+                        flow, upstream, repo.name, digest, credential
+                    )
                     if not authorised:
-                        authorised = await self._authorise(
-                            flow, upstream, repo.name, digest, credential
-                        )
-                        if not authorised:
-                            return self._bypass(flow, "not authorised")
+                        return self._bypass(flow, "not authorised")
                 if size is not None:
                     if await self._serve(flow, repo.kind, upstream, digest, size, waited):
                         return
                     continue  # the file failed its check and was removed
-                flight = self.flights.get(key)
-                if flight is None:
-                    # A miss: this flow fetches for everyone asking meanwhile.
-                    self.pending[flow.id] = _Pending(key, repo.kind, self.flights.start(key))
-                    self.counts["misses"] += 1
-                    _comment(flow, "cache miss")
-                    return
                 waited = True
                 self.counts["waits"] += 1
                 try:
@@ -272,6 +276,7 @@ class BlobCache:
             self.pending.pop(flow.id, None)
 
     def _bypass(self, flow: http.HTTPFlow, why: str) -> None:
+        logger.debug(f"registry cache: bypass ({why}) {flow.request.path}")
         self.counts["bypass"] += 1
         _comment(flow, f"cache bypass ({why})")
 
@@ -301,6 +306,7 @@ class BlobCache:
             logger.info(f"registry cache: cannot confirm access to {name}: {e}")
             return False
         if reply.status not in _AUTHORISED:
+            logger.debug(f"registry cache: upstream answered {reply.status} for {name}")
             return False
         info = bearer_info(credential)
         expires = (info or {}).get("claims", {}).get("exp")
@@ -453,6 +459,8 @@ class BlobCache:
             self._land(flow.id, "not cacheable")
             return
         flow.metadata["registry_cache"] = "miss"
+        self.counts["misses"] += 1
+        _comment(flow, "cache miss")
         if not resp.stream:
             return  # buffered (a manifest shown in mitmweb): stored in response()
         upstream, digest = pending.key
@@ -502,6 +510,7 @@ class BlobCache:
         pending = self.pending.get(flow.id)
         if pending is None:
             return
+        logger.debug(f"registry cache: flow failed ({flow.error}); not cached")
         if pending.writer is not None:
             pending.writer.abort()  # its callback lands the flight
         else:
@@ -514,6 +523,7 @@ class BlobCache:
 
     def _written(self, flow_id: str, pending: _Pending, outcome: str) -> None:
         upstream, digest = pending.key
+        logger.debug(f"registry cache: {digest} {outcome}")
         writer = pending.writer
         if writer is not None:
             self.counts["bytes_fetched"] += writer.received
