@@ -21,6 +21,10 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.net.http.http1 import assemble_response
 
 from regrewrite import api, auth, realm
+from regrewrite.addons.accesslog import AccessLog
+from regrewrite.addons.health import Health
+from regrewrite.addons.metrics import Metrics
+from regrewrite.addons.trusted import TrustedProxies
 from regrewrite.api import Origin
 from regrewrite.contentview import (
     RegistryContentview,
@@ -46,6 +50,7 @@ class RegistryRewrite:
         self.rules = Rules()
         self.rules_file: str | None = None
         self.rules_stamp: tuple[float, int] | None = None
+        self.reloads = {"ok": 0, "error": 0}  # rules file reloads, read by the metrics
         self.public: Origin | None = None
         self.tls = realm.tls_context(False, None, None)
         # Each upstream's token endpoint and service, learned from its challenges,
@@ -203,7 +208,9 @@ class RegistryRewrite:
             rules = load_rules(self.rules_file)
         except RulesError as e:
             logger.error(f"registry: {e} (the previous rules stay in force)")
+            self.reloads["error"] += 1
             return
+        self.reloads["ok"] += 1
         self.rules = rules
         self.cursors.clear()
         logger.info(f"registry: reloaded {len(rules.names.rules)} rules from {self.rules_file}")
@@ -348,7 +355,7 @@ class RegistryRewrite:
         return found
 
     def _public(self, flow: http.HTTPFlow) -> Origin:
-        return self.public or _client_origin(flow)
+        return self.public or flow.metadata.get("registry_public") or _client_origin(flow)
 
     def _catalog_request(self, flow: http.HTTPFlow, rules: Rules, query: str) -> None:
         last = api.query_value(query, "last")
@@ -843,4 +850,7 @@ def _stamp(path: str) -> tuple[float, int] | None:
     return st.st_mtime, st.st_size
 
 
-addons = [RegistryRewrite()]
+# Health answers /livez and /readyz and TrustedProxies reads forwarding headers before
+# the core drops them; both must come first.
+# Metrics and AccessLog read what the core decided, so they come after it.
+addons = [Health(), TrustedProxies(), RegistryRewrite(), Metrics(), AccessLog()]

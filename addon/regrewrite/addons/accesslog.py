@@ -1,0 +1,183 @@
+"""A JSON access log (``--set registry_access_log=PATH``, ``-`` for standard output).
+
+One object per finished flow (response and error hooks):
+
+    {"ts": "2026-12-01T14:00:00.123Z", "client": "10.0.0.7", "user": "alice",
+     "method": "GET", "endpoint": "manifests", "client_name": "team/app",
+     "upstream_name": "acme_team/app", "upstream": "default", "status": 200,
+     "bytes": 1234, "duration_ms": 12.5, "decision": "mapped"}
+
+The hooks only put a small dict on a bounded queue; a background thread serializes and
+writes, so a slow disk never stalls the proxy. When the queue is full (the disk cannot
+keep up with QUEUE_SIZE records), records are dropped and counted: the first drop is
+logged as a warning, the total when the log closes.
+
+Nothing secret is written: no header, no query string, no body; ``user`` is what the
+core records (a token's subject or a Basic username), never a credential.
+Placed after the core in the addons list.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+from typing import IO
+
+from mitmproxy import ctx, exceptions, http
+
+from regrewrite.addons import ENDPOINTS, body_bytes, count_body
+
+logger = logging.getLogger(__name__)
+
+QUEUE_SIZE = 10_000  # records waiting for the writer thread
+_STOP = object()
+
+
+def record(flow: http.HTTPFlow, now: float | None = None) -> dict:
+    """The access log entry of a finished flow (plain values only)."""
+    md = flow.metadata
+    req, resp = flow.request, flow.response
+    end = resp.timestamp_end if resp is not None and resp.timestamp_end else None
+    if end is None:
+        end = flow.error.timestamp if flow.error is not None else (now or time.time())
+    peer = flow.client_conn.peername
+    endpoint = md.get("registry_endpoint")
+    return {
+        "ts": _iso(req.timestamp_start),
+        "client": peer[0] if peer else None,
+        "user": md.get("registry_user"),
+        "method": req.method,
+        "endpoint": endpoint if endpoint in ENDPOINTS else "other",
+        "client_name": md.get("registry_client_name"),
+        "upstream_name": md.get("registry_upstream_name"),
+        "upstream": md.get("registry_upstream_key"),
+        "status": resp.status_code if resp is not None else None,
+        "bytes": body_bytes(flow, "response"),
+        "duration_ms": round(max(end - req.timestamp_start, 0.0) * 1000, 3),
+        "decision": md.get("registry_decision"),
+    }
+
+
+def _iso(ts: float) -> str:
+    t = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+class _Writer(threading.Thread):
+    def __init__(self, out: IO[str], close: bool) -> None:
+        super().__init__(name="registry-access-log", daemon=True)
+        self.out = out
+        self.close = close
+        self.queue: queue.Queue = queue.Queue(QUEUE_SIZE)
+        self.dropped = 0
+
+    def offer(self, entry: dict) -> None:
+        try:
+            self.queue.put_nowait(entry)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1:
+                logger.warning(
+                    f"registry_access_log: {QUEUE_SIZE} records waiting to be written; "
+                    "dropping records until the writer catches up"
+                )
+
+    def run(self) -> None:
+        try:
+            while True:
+                entry = self.queue.get()
+                lines = []
+                stop = entry is _STOP
+                if not stop:
+                    lines.append(json.dumps(entry, separators=(",", ":")))
+                # Write what has piled up in one go, flush once.
+                while not stop:
+                    try:
+                        entry = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if entry is _STOP:
+                        stop = True
+                    else:
+                        lines.append(json.dumps(entry, separators=(",", ":")))
+                if lines:
+                    try:
+                        self.out.write("\n".join(lines) + "\n")
+                        self.out.flush()
+                    except (OSError, ValueError) as e:
+                        logger.error(f"registry_access_log: cannot write: {e}")
+                if stop:
+                    return
+        finally:
+            if self.close:
+                self.out.close()
+
+    def finish(self, timeout: float = 5.0) -> None:
+        try:
+            self.queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            pass
+        self.join(timeout)
+        if self.dropped:
+            logger.warning(f"registry_access_log: {self.dropped} records were dropped")
+
+
+class AccessLog:
+    def __init__(self) -> None:
+        self.writer: _Writer | None = None
+
+    def load(self, loader):
+        loader.add_option(
+            "registry_access_log",
+            str,
+            "",
+            "Write one JSON object per finished request to this file ('-': standard "
+            "output); appends. Default: off.",
+        )
+
+    def configure(self, updated):
+        if "registry_access_log" not in updated:
+            return
+        path = ctx.options.registry_access_log
+        self._stop()
+        if not path:
+            return
+        if path == "-":
+            out, close = sys.stdout, False
+        else:
+            try:
+                # Opened here so that a bad path is an option error; written elsewhere.
+                out, close = open(path, "a", encoding="utf-8"), True  # noqa: SIM115
+            except OSError as e:
+                raise exceptions.OptionsError(f"registry_access_log: {e}") from None
+        self.writer = _Writer(out, close)
+        self.writer.start()
+
+    def done(self):
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.writer is not None:
+            self.writer.finish()
+            self.writer = None
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self.writer is not None and flow.live:
+            count_body(flow, "response")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._log(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._log(flow)
+
+    def _log(self, flow: http.HTTPFlow) -> None:
+        if self.writer is None or not flow.live or flow.metadata.get("registry_logged"):
+            return
+        flow.metadata["registry_logged"] = True  # a response hook, then an error: once
+        self.writer.offer(record(flow))

@@ -1,0 +1,89 @@
+"""``registry_trusted_proxies``: believe a load balancer about the public URL.
+
+Runs before the core. For a request whose TCP peer is in the trusted ranges, the origin
+its ``X-Forwarded-*``/``Forwarded`` headers describe goes into
+``flow.metadata["registry_public"]``, which the core advertises (realm, Location, Link)
+unless ``registry_public_url`` is set. The core drops these headers from every request
+before it goes upstream, trusted or not.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx, exceptions, http
+
+from regrewrite import forwarded
+from regrewrite.api import Origin
+
+logger = logging.getLogger(__name__)
+
+
+class TrustedProxies:
+    def __init__(self) -> None:
+        self.networks: tuple[forwarded.Network, ...] = ()
+        self.announced: str | None = None
+
+    def load(self, loader):
+        loader.add_option(
+            "registry_trusted_proxies",
+            str,
+            "",
+            "CIDR[,CIDR...] of load balancers whose X-Forwarded-Proto/-Host/-Port and "
+            "Forwarded headers say which public URL clients used (for the token realm, "
+            "Location and Link). From other peers these headers are ignored. Default: none.",
+        )
+
+    def configure(self, updated):
+        if "registry_trusted_proxies" in updated:
+            try:
+                self.networks = forwarded.parse_trusted_proxies(
+                    ctx.options.registry_trusted_proxies
+                )
+            except ValueError as e:
+                raise exceptions.OptionsError(f"registry_trusted_proxies: {e}") from None
+        if self.announced is not None and updated & {
+            "registry_trusted_proxies",
+            "registry_public_url",
+        }:
+            self.announce()
+
+    def running(self):
+        self.announce()
+
+    def announce(self) -> None:
+        """Log how the public URL is derived, once (and again only when that changes)."""
+        public_url = getattr(ctx.options, "registry_public_url", None)
+        line = forwarded.describe(public_url, self.networks)
+        if line != self.announced:
+            self.announced = line
+            logger.info(f"registry: {line}")
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not self.networks or flow.response or flow.error or not flow.live:
+            return
+        # One pass over the raw fields finds none in most requests.
+        for raw, _ in flow.request.headers.fields:
+            lowered = raw.lower()
+            if lowered == b"forwarded" or lowered.startswith(b"x-forwarded-"):
+                break
+        else:
+            return
+        peer = flow.client_conn.peername
+        if not peer or not forwarded.is_trusted(peer[0], self.networks):
+            return
+        origin = forwarded.forwarded_origin(
+            ((k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields),
+            client_origin(flow),
+        )
+        if origin is not None:
+            flow.metadata["registry_public"] = origin
+
+
+def client_origin(flow: http.HTTPFlow) -> Origin:
+    """This proxy's address as the client reached it (as the core derives it)."""
+    conn = flow.client_conn
+    host, port = conn.sockname[0], conn.sockname[1]
+    if conn.tls_established:
+        return Origin("https", conn.sni or host, port)
+    return Origin("http", host, port)

@@ -1,0 +1,43 @@
+"""The ``registry-rewrite`` command: mitmdump with the addon loaded.
+
+    registry-rewrite --mode reverse:https://UPSTREAM --set registry_rules=rules.yaml
+
+Every argument goes to mitmdump unchanged; ``--version`` prints this tool's version
+(and mitmproxy's). mitmproxy is imported only when the command runs, so the package
+itself stays free of it.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+
+DISTRIBUTION = "registry-rewrite"
+
+
+def version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # a checkout that was never installed
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--version" in args:
+        from mitmproxy.version import VERSION
+
+        print(f"{DISTRIBUTION} {version()} (mitmproxy {VERSION})")
+        return
+    from importlib.util import find_spec
+
+    from mitmproxy.tools.main import mitmdump
+
+    # The addon as a script, as from a checkout: mitmdump then loads every addon of its
+    # `addons` list, and their options parse like any other --set. (find_spec: importing
+    # the module here would build a second, unused set of addons.)
+    mitmdump(["-s", find_spec("registry_rewrite").origin, *args])
+
+
+if __name__ == "__main__":
+    main()
