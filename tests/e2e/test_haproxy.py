@@ -34,7 +34,7 @@ import pytest
 from tests.e2e.clients import CONTAINERD_TOOLS, Containerd, require_tools
 from tests.e2e.conftest import require_tool
 from tests.e2e.faultkit import pull_image, push_image
-from tests.e2e.images import fetch_manifest
+from tests.e2e.images import ACCEPT_MANIFESTS, fetch_manifest
 from tests.e2e.proxycheck import assert_only_upstream_names
 from tests.e2e.regclient import parse_challenge
 from tests.e2e.upstream import (
@@ -448,12 +448,14 @@ def test_rules_edit_reaches_every_replica(cluster, registry, http_client, make_i
     push_image(http_client(registry.url, ALICE), f"acme_team/ha-{unique}/edit", image, tag="1")
     old, new = f"team/ha-{unique}/edit", f"renamed/ha-{unique}/edit"
 
-    def status(replica, name: str) -> int:
+    def status(replica, name: str) -> int | str:
+        """200, or the registry error code the replica (or the upstream) answered."""
         client = http_client(replica.url, ALICE)
-        return client.request("GET", f"/v2/{name}/manifests/1").status
+        r = client.request("GET", f"/v2/{name}/manifests/1", headers={"Accept": ACCEPT_MANIFESTS})
+        return 200 if r.status == 200 else r.json()["errors"][0]["code"]
 
     assert [status(r, old) for r in cluster.replicas] == [200] * REPLICAS
-    assert [status(r, new) for r in cluster.replicas] == [404] * REPLICAS
+    assert [status(r, new) for r in cluster.replicas] == ["NAME_UNKNOWN"] * REPLICAS
 
     cluster.rules.update({"rules.yaml": EDITED_RULES})  # the kubelet's ..data swap
     edited_at = time.monotonic()
@@ -464,7 +466,7 @@ def test_rules_edit_reaches_every_replica(cluster, registry, http_client, make_i
         time.sleep(0.2)
     took = time.monotonic() - edited_at
     assert not pending, f"replicas {sorted(i + 1 for i in pending)} kept the old rules"
-    assert [status(r, old) for r in cluster.replicas] == [404] * REPLICAS
+    assert [status(r, old) for r in cluster.replicas] == ["NAME_UNKNOWN"] * REPLICAS
     for r in cluster.replicas:
         assert "reloaded 1 rules" in r.log_text()
     # And through the load balancer, on every replica in turn.
