@@ -195,9 +195,10 @@ def test_container_serves_pulls_and_pushes(
             assert state != "unhealthy", _inspect(dockerd, name)["State"]["Health"]
             assert time.monotonic() < deadline, f"health {state}\n{_logs(dockerd, name)}"
             time.sleep(1)
-        top = dockerd.docker("top", name, "-o", "uid,args").stdout
-        assert "registry-rewrite" in top or "mitmdump" in top, top
-        assert all(line.split()[0] == IMAGE_USER.split(":")[0] for line in top.splitlines()[1:])
+        # Every process of the container runs as the image's non-root user.
+        top = dockerd.docker("top", name, "-o", "pid,uid,args").stdout.splitlines()
+        assert any("registry-rewrite" in line or "mitmdump" in line for line in top), top
+        assert {line.split()[1] for line in top[1:]} == {IMAGE_USER.split(":")[0]}, top
     finally:
         dockerd.docker("rm", "--force", name, check=False)
 
