@@ -11,16 +11,22 @@ mitmproxy's hooks.
 from __future__ import annotations
 
 import asyncio
-import functools
+import base64
+import binascii
+import concurrent.futures
+import contextlib
+import hashlib
 import logging
 import os
+import traceback
+import weakref
 from collections import OrderedDict
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from mitmproxy import command, contentviews, ctx, exceptions, http
-from mitmproxy.net.http.http1 import assemble_response
 
-from regrewrite import api, auth, realm
+from regrewrite import api, auth, decide, realm
+from regrewrite.addons import patches
 from regrewrite.addons.accesslog import AccessLog
 from regrewrite.addons.health import Health
 from regrewrite.addons.metrics import Metrics
@@ -33,14 +39,18 @@ from regrewrite.contentview import (
     describe_rules,
     token_shortfall,
 )
-from regrewrite.names import Route, is_valid_name
-from regrewrite.rules import Rules, RulesError, load_rules
+from regrewrite.explain import explain
+from regrewrite.rules import Rules, RulesError
 
 logger = logging.getLogger(__name__)
 
-RELOAD_INTERVAL = 1.0  # seconds between looks at the rules file's mtime
+RELOAD_INTERVAL = 1.0  # seconds between looks at the rules file
+RULES_FILE_MAX = 4 << 20  # a rules file larger than this is refused, not read
 CATALOG_CURSORS = 1024  # opaque _catalog cursors remembered (see _catalog_cursor)
-JSON_BODY_LIMIT = 4 << 20  # error and listing bodies we buffer to rewrite
+TOKEN_WORKERS = 8  # concurrent token fetches; more wait (up to registry_token_timeout)
+# Bodies up to this size are rewritten on the event loop; larger ones (up to the 4 MiB
+# cap) in a worker thread, so no JSON work blocks other flows for long.
+INLINE_REWRITE = 64 << 10
 # Response headers responseheaders rewrites (raw, lower case).
 _NAMING_HEADERS = frozenset((b"www-authenticate", b"location", b"link"))
 
@@ -49,8 +59,8 @@ class RegistryRewrite:
     def __init__(self) -> None:
         self.rules = Rules()
         self.rules_file: str | None = None
-        self.rules_stamp: tuple[float, int] | None = None
-        self.reloads = {"ok": 0, "error": 0}  # rules file reloads, read by the metrics
+        self.rules_digest: bytes | None = None  # sha256 of the file the rules came from
+        self.reloads = {"ok": 0, "error": 0}
         self.public: Origin | None = None
         self.tls = realm.tls_context(False, None, None)
         # Each upstream's token endpoint and service, learned from its challenges,
@@ -62,6 +72,18 @@ class RegistryRewrite:
         self.started = False
         # Buffer manifests (not blobs) so they can be shown: only when someone looks.
         self.show_manifests = False
+        # The rules each live flow was mapped with: its response maps back with the same
+        # ones, whatever a reload did meanwhile. Only for live flows (weak keys).
+        self.flow_rules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Token fetches block a thread each for up to registry_token_timeout: their own
+        # pool, so they never starve asyncio's default executor (which resolves the
+        # upstreams' host names). Rules loading and big JSON rewrites get another.
+        self.token_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.work_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.failures_logged: set[tuple[str, str]] = set()
+        # Credentials of the flows in memory, for replays in this process (weak keys:
+        # they go when mitmweb or the console drops the flow).
+        self.replay_secrets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # mitmweb, mitmproxy and mitmdump show registry messages through this view.
         self.contentview = RegistryContentview(lambda: self.rules)
 
@@ -102,7 +124,8 @@ class RegistryRewrite:
         if "registry_rules" in updated:
             path = ctx.options.registry_rules
             try:
-                self.rules = load_rules(path)
+                data = _read_rules_file(path)
+                self.rules = _parse_rules_file(path, data)
             except RulesError as e:
                 if not self.started:
                     # mitmdump stops when an error is logged during start-up; raising
@@ -111,21 +134,15 @@ class RegistryRewrite:
                     return
                 raise exceptions.OptionsError(str(e)) from None
             self.rules_file = path
-            self.rules_stamp = _stamp(path)
+            self.rules_digest = hashlib.sha256(data).digest()
             logger.info(
                 f"registry: {len(self.rules.names.rules)} rules from {path}, "
                 f"unmatched names: {self.rules.unmatched}"
             )
         if "registry_public_url" in updated:
-            url = ctx.options.registry_public_url
-            try:
-                self.public = Origin.parse(url) if url else None
-            except ValueError as e:
-                raise exceptions.OptionsError(f"registry_public_url: {e}") from e
-            if url and urlsplit(url).path not in ("", "/"):
-                raise exceptions.OptionsError(
-                    f"registry_public_url {url!r}: give scheme://host[:port] without a path"
-                )
+            self.public = parse_public_url(ctx.options.registry_public_url)
+        if "registry_token_timeout" in updated and ctx.options.registry_token_timeout <= 0:
+            raise exceptions.OptionsError("registry_token_timeout must be a positive number")
         if updated & {
             "ssl_insecure",
             "ssl_verify_upstream_trusted_ca",
@@ -139,15 +156,27 @@ class RegistryRewrite:
 
     def running(self):
         self.started = True
-        _registry_style_proxy_errors(True)
+        patches.enable()
+        if self.token_pool is None:
+            self.token_pool = concurrent.futures.ThreadPoolExecutor(
+                TOKEN_WORKERS, thread_name_prefix="registry-token"
+            )
+            self.work_pool = concurrent.futures.ThreadPoolExecutor(
+                2, thread_name_prefix="registry-work"
+            )
         if self.watcher is None:
             self.watcher = asyncio.get_running_loop().create_task(self._watch_rules())
 
     def done(self):
-        _registry_style_proxy_errors(False)
+        patches.disable()
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None
+        for pool in (self.token_pool, self.work_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self.token_pool = self.work_pool = None
+        realm.close_idle()
         # mitmproxy 12 has no public way to unregister a contentview.
         views = contentviews.registry
         if views.get(self.contentview.name) is self.contentview:
@@ -169,14 +198,19 @@ class RegistryRewrite:
         logger.info(f"registry.rules:\n{text}")
         return text
 
+    @command.command("registry.explain")
+    def explain_command(self, text: str) -> str:
+        """Where a client name goes (rule, upstream name, upstream, realm, service) or why
+        it is refused; which client name an upstream name is shown as; or the scope a
+        token request sends upstream for a scope such as repository:team/app:pull,push."""
+        answer = explain(self.rules, text, self.learned)
+        logger.info(f"registry.explain {text}:\n{answer}")
+        return answer
+
     @property
     def realm(self) -> str | None:
         """The default upstream's token realm, as learned."""
         return self.learned.get("default", (None, None))[0]
-
-    @realm.setter
-    def realm(self, value: str) -> None:
-        self.learned["default"] = (value, self.service)
 
     @property
     def service(self) -> str | None:
@@ -185,277 +219,296 @@ class RegistryRewrite:
     # --- rules reload -------------------------------------------------------------
 
     async def _watch_rules(self) -> None:
-        seen = self.rules_stamp
+        """Take a changed rules file into use once it has stopped changing (so a
+        half-saved file that happens to parse never takes effect). Changes are found by
+        content, so a copy that keeps size and mtime (cp -p, rsync -a) counts too.
+        Reading and checking the file happen in a worker thread; nothing here ends the
+        watcher: any failure is logged and the rules in force stay."""
+        seen: bytes | None = self.rules_digest
         while True:
             await asyncio.sleep(RELOAD_INTERVAL)
-            stamp = _stamp(self.rules_file) if self.rules_file else None
-            if stamp != seen:
-                # Still being written, maybe: load it once it has stopped changing, so a
-                # half-saved file that happens to parse never takes effect.
-                seen = stamp
-                continue
-            self.reload_rules()
+            try:
+                seen = await self._poll_rules(seen)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the watcher must outlive any failure
+                logger.error(
+                    "registry: reloading the rules failed (the previous rules stay in "
+                    f"force):\n{traceback.format_exc()}"
+                )
+                self.reloads["error"] += 1
 
-    def reload_rules(self) -> None:
-        """Take a changed rules file into use; an invalid one leaves the old rules."""
+    async def _poll_rules(self, seen: bytes | None) -> bytes | None:
+        """One look at the rules file; returns its digest, to compare with next time."""
         if self.rules_file is None:
-            return
-        stamp = _stamp(self.rules_file)
-        if stamp == self.rules_stamp:
-            return
-        self.rules_stamp = stamp
+            return seen
         try:
-            rules = load_rules(self.rules_file)
+            data = await asyncio.get_running_loop().run_in_executor(
+                self.work_pool, _read_rules_file, self.rules_file
+            )
+        except RulesError:
+            return None  # gone or unreadable for now (e.g. mid-rename): look again
+        digest = hashlib.sha256(data).digest()
+        if digest != self.rules_digest and digest == seen:
+            await self.reload_rules(data)
+        return digest  # changed since the last look: wait a round for it to settle
+
+    async def reload_rules(self, data: bytes | None = None) -> None:
+        """Take the rules file (``data``, its bytes, when already read) into use; an
+        invalid one leaves the rules in force. Reading and checking run off the loop."""
+        path = self.rules_file
+        if path is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            if data is None:
+                data = await loop.run_in_executor(self.work_pool, _read_rules_file, path)
+            self.rules_digest = hashlib.sha256(data).digest()
+            rules = await loop.run_in_executor(self.work_pool, _parse_rules_file, path, data)
         except RulesError as e:
             logger.error(f"registry: {e} (the previous rules stay in force)")
             self.reloads["error"] += 1
             return
-        self.reloads["ok"] += 1
         self.rules = rules
         self.cursors.clear()
-        logger.info(f"registry: reloaded {len(rules.names.rules)} rules from {self.rules_file}")
+        self.reloads["ok"] += 1
+        logger.info(f"registry: reloaded {len(rules.names.rules)} rules from {path}")
 
     # --- requests -----------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        rules = self.rules
-        _drop_client_authority(flow.request)
-        # In reverse mode the request already targets the default upstream.
-        default = Origin(flow.request.scheme, flow.request.host, flow.request.port)
-        flow.metadata["registry_upstream"] = flow.metadata["registry_default"] = default
-        path, query = api.split_target(flow.request.path)
-        if path == rules.token_path:
-            # The token form must be read to map its scopes: no streaming.
-            flow.metadata["registry_token"] = True
-            if flow.request.method not in ("GET", "POST"):
-                _refuse(flow, 405, "UNSUPPORTED", None, "token endpoint takes GET or POST")
-            return
-        if path in ("/v2/", "/v2"):
-            if len(rules.upstreams) > 1:
-                self._answer_ping(flow)  # one challenge for all upstreams
-            else:
-                flow.request.stream = True
-            return
-        if not path.startswith("/v2/"):
-            # Not the registry API: under deny, nothing else of the upstream is exposed.
-            if rules.unmatched == "deny":
-                _refuse(flow, 404, "UNSUPPORTED", None, f"not a registry endpoint: {path}")
-            else:
-                flow.request.stream = True
-            return
-        if api.is_catalog(path):
-            self._catalog_request(flow, rules, query)
-            return
-        repo = api.parse_repository_path(path)
-        if repo is None:
-            if rules.unmatched == "deny":
-                _refuse(flow, 404, "UNSUPPORTED", None, f"unknown registry endpoint {path}")
-            else:
-                flow.request.stream = True
-            return
-        # containerd as a mirror adds ?ns=<registry host>: names are that upstream's own.
-        ns = api.query_value(query, "ns")
-        mirror = rules.mirror(ns) if ns else None
-        route = self._route(flow, rules, repo.name, mirror=mirror)
-        if route is None:
-            return
-        code = repo.reference_error()
-        if code is not None:
-            _refuse(flow, 400, code, {"reference": repo.reference}, f"malformed {repo.kind} path")
-            return
-        note = ""
-        if repo.kind == "blobs/uploads" and api.query_value(query, "from") is not None:
-            source = _mount_source(rules, api.query_value(query, "from"), mirror)
-            if source is not None and source.registry == route.registry:
-                query = api.replace_query_value(query, "from", source.name)
-            else:
-                # No mount from a source no rule maps, nor across upstreams: ask for a plain
-                # upload, as a registry that cannot mount answers 202 (refusing the POST
-                # fails containerd's push). The client's `from` never goes upstream.
-                query = api.drop_query_values(query, ("mount", "from"))
-                where = "another upstream" if source is not None else "outside the rules"
-                note = f" · mount from {where} dropped"
-        if route.registry != 0:
-            self._retarget(flow, rules.upstreams[route.registry].url)
-        if mirror is not None:
-            flow.metadata["registry_mirror"] = ns
-        flow.metadata["registry_route"] = route.registry
-        new_path = api.RepositoryPath(route.name, repo.endpoint).path()
-        flow.request.path = new_path + ("?" + query if query else "")
-        flow.request.stream = not (self.show_manifests and _keep_manifest(flow, flow.request))
-        via = "" if route.registry == 0 else f" @{rules.upstreams[route.registry].key}"
-        flow.comment = (
-            f"{repo.name} → {route.name}{via} · {repo.kind} {flow.request.method} {repo.reference}"
-        ).rstrip() + note
+        try:
+            self._requestheaders(flow)
+        except Exception as e:  # noqa: BLE001 - fail closed, whatever went wrong
+            self._fail(flow, "requestheaders", e)
 
-    def _retarget(self, flow: http.HTTPFlow, url: str) -> None:
-        """Send the flow to another upstream (its Host, SNI and TLS follow the URL)."""
-        origin = Origin.parse(url)
-        flow.request.scheme = origin.scheme
-        flow.request.host = origin.host
-        flow.request.port = origin.port
-        flow.metadata["registry_upstream"] = origin
+    def _requestheaders(self, flow: http.HTTPFlow) -> None:
+        rules = self.rules
+        req = flow.request
+        if flow.is_replay == "request":
+            self._prepare_replay(flow)
+        else:
+            self._keep_for_replay(flow, "authorization", req.headers.get("Authorization"))
+        _drop_client_authority(req)
+        # In reverse mode the request already targets the default upstream.
+        default = Origin(req.scheme, req.host, req.port)
+        endpoint, decision = decide.decide_request(
+            rules,
+            req.method,
+            req.path,
+            self.cursors,
+            self.show_manifests,
+            req.headers.get("Content-Length"),
+        )
+        meta = flow.metadata
+        meta["registry_endpoint"] = endpoint
+        meta["registry_upstream"] = meta["registry_default"] = default
+        meta["registry_user"] = _user(req.headers.get("Authorization"))
+        if isinstance(decision, decide.Refusal):
+            _refuse(flow, decision)
+        elif isinstance(decision, decide.Ping):
+            self._answer_ping(flow)
+        elif isinstance(decision, decide.TokenEndpoint):
+            # The form is read (up to the cap) to map its scopes: no streaming.
+            meta["registry_token"] = True
+            meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
+            meta[patches.CAP_ERROR] = api.registry_error(
+                "SIZE_INVALID",
+                {"limit": decide.REQUEST_BODY_CAP},
+                f"token request body larger than {decide.REQUEST_BODY_CAP} bytes",
+            ).decode()
+        else:
+            self._forward(flow, rules, decision, default)
+
+    def _forward(
+        self, flow: http.HTTPFlow, rules: Rules, d: decide.Forward, default: Origin
+    ) -> None:
+        """Apply a Forward decision: every value is computed before the first change."""
+        upstream = rules.upstreams[d.registry]
+        origin = Origin.parse(upstream.url) if upstream.url else default
+        basic = d.drop_basic and any(
+            k.lower() == b"authorization" and v[:6].lower() == b"basic "
+            for k, v in flow.request.headers.fields
+        )
+        meta = flow.metadata
+        # From here on nothing can fail: plain assignments of checked values.
+        req = flow.request
+        # The client's own request line, to show it again once the flow has gone
+        # upstream (so a person reads, edits and replays it in client names).
+        meta["registry_client_target"] = req.path
+        meta["registry_upstream_target"] = d.target
+        if basic:
+            del req.headers["Authorization"]
+        if origin != default:
+            req.scheme, req.host, req.port = origin.scheme, origin.host, origin.port
+        req.path = d.target
+        req.stream = d.stream
+        self.flow_rules[flow] = rules
+        meta["registry_upstream"] = origin
+        meta["registry_route"] = d.registry
+        meta["registry_upstream_key"] = upstream.key
+        meta["registry_decision"] = "mapped"
+        if d.client_name is not None:
+            meta["registry_client_name"] = d.client_name
+            meta["registry_upstream_name"] = d.upstream_name
+        if d.mirror is not None:
+            meta["registry_mirror"] = d.mirror
+        if d.comment:
+            flow.comment = d.comment + (" · client's Basic credentials withheld" if basic else "")
+
+    def _keep_for_replay(self, flow: http.HTTPFlow, what: str, secret: str | None) -> None:
+        """Keep a credential in memory, for a replay of this flow in this process; never
+        in the flow (which mitmweb shows and flow files save). Gone with the flow."""
+        if secret:
+            self.replay_secrets.setdefault(flow, {})[what] = secret
+
+    def _prepare_replay(self, flow: http.HTTPFlow) -> None:
+        """A replayed flow is mapped anew, with the rules in force now: it shows (and was
+        edited in) client names since it went upstream the first time."""
+        meta = flow.metadata
+        # (registry_public is this pass's: TrustedProxies ran before the core.)
+        for key in [k for k in meta if k.startswith("registry_") and k != "registry_public"]:
+            del meta[key]
+        flow.comment, flow.marked = "", ""
+        kept = self.replay_secrets.get(flow, {})
+        req = flow.request
+        redacted = [v for k, v in req.headers.fields if k.lower() == b"authorization"]
+        note = "replay"
+        if redacted:
+            req.headers.pop("Authorization", None)
+            if "authorization" in kept:
+                req.headers["Authorization"] = kept["authorization"]
+            else:
+                note = "replay without credentials (flows keep none once saved)"
+        if "form" in kept and req.method == "POST":
+            req.content = kept["form"].encode()
+        meta["registry_replay"] = note
 
     def _answer_ping(self, flow: http.HTTPFlow) -> None:
         """``/v2/`` with several upstreams: a client authenticated for any of them may
         go on; others are told to fetch a token from this proxy."""
-        flow.metadata["registry_answered"] = True  # our own answer: nothing to rewrite
         if flow.request.headers.get("Authorization", "").lower().startswith("bearer "):
-            flow.response = http.Response.make(200, b"{}", _JSON_HEADERS)
+            _answer(flow, http.Response.make(200, b"{}", api.JSON_HEADERS), "ping: 200")
             return
         service = self.rules.service or self.service
         params = (("realm", f"{self._public(flow)}{self.rules.token_path}"),)
         if service:
             params += (("service", service),)
         body = api.registry_error("UNAUTHORIZED", message="authentication required")
-        flow.response = http.Response.make(
-            401,
-            body,
-            {**_JSON_HEADERS, "WWW-Authenticate": str(auth.Challenge("Bearer", params))},
-        )
-
-    def _route(
-        self,
-        flow: http.HTTPFlow,
-        rules: Rules,
-        name: str,
-        what: str = "name",
-        mirror: int | None = None,
-    ) -> Route | None:
-        """Where a client name goes, or None after refusing the flow.
-
-        With a mirror hint the name is already the upstream's own: it must be one a
-        rule makes reachable.
-        """
-        if not is_valid_name(name):
-            _refuse(flow, 400, "NAME_INVALID", {what: name}, f"invalid repository name {name!r}")
-            return None
-        if mirror is not None:
-            if rules.client_name(name, mirror) is None:
-                _refuse(flow, 404, "NAME_UNKNOWN", {what: name}, f"no rule reaches {name}")
-                return None
-            return Route(mirror, name)
-        found = rules.names.lookup(name)
-        if found is None:
-            if rules.unmatched == "pass":
-                return Route(0, name)
-            _refuse(flow, 404, "NAME_UNKNOWN", {what: name}, f"no rule for {name}")
-            return None
-        if not is_valid_name(found.name):
-            _refuse(
-                flow,
-                400,
-                "NAME_INVALID",
-                {what: name},
-                f"{name} maps to invalid upstream name {found.name!r}",
-            )
-            return None
-        return found
+        headers = {**api.JSON_HEADERS, "WWW-Authenticate": str(auth.Challenge("Bearer", params))}
+        _answer(flow, http.Response.make(401, body, headers), "auth: 401 challenge")
 
     def _public(self, flow: http.HTTPFlow) -> Origin:
         return self.public or flow.metadata.get("registry_public") or _client_origin(flow)
 
-    def _catalog_request(self, flow: http.HTTPFlow, rules: Rules, query: str) -> None:
-        last = api.query_value(query, "last")
-        if last:
-            if last in self.cursors:
-                upstream_last = self.cursors[last]
-            else:
-                upstream_last = rules.upstream_name(last)
-            if upstream_last is None:
-                _refuse(flow, 400, "NAME_INVALID", {"last": last}, f"unknown cursor {last!r}")
-                return
-            query = api.replace_query_value(query, "last", upstream_last)
-            flow.request.path = "/v2/_catalog?" + query
-        flow.comment = "catalog"
-
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        if flow.metadata.get("registry_token"):
+        if not flow.metadata.get("registry_token"):
+            return
+        try:
             await self._token(flow)
+        except Exception as e:  # noqa: BLE001 - fail closed, whatever went wrong
+            self._fail(flow, "token", e)
 
     async def _token(self, flow: http.HTTPFlow) -> None:
         """Answer a token request by asking the upstream's realm, scopes mapped."""
         rules = self.rules
         req = flow.request
         _, query = api.split_target(req.path)
-        form = (req.get_text(strict=False) or "") if req.method == "POST" else ""
-        registry, map_name = self._token_upstream(rules, query, form)
+        form = ""
+        if req.method == "POST":
+            raw = req.raw_content or b""
+            if not raw.isascii():
+                _refuse(flow, decide.Refusal(400, "UNSUPPORTED", "token form is not ASCII"))
+                return
+            form = raw.decode("ascii")
+            self._keep_for_replay(flow, "form", form)
+        registry, map_name = decide.token_upstream(rules, query, form)
         upstream = rules.upstreams[registry]
+        flow.metadata["registry_upstream_key"] = upstream.key
         # With several upstreams each token service wants its own service name (the
         # client only knows the one of the proxy's own challenge).
         several = len(rules.upstreams) > 1
-        learned_realm, learned_service = self.learned.get(upstream.key, (None, None))
-        upstream_realm = upstream.realm or learned_realm
-        service = upstream.service or learned_service
+        upstream_realm, service = self._realm_of(upstream)
         if upstream_realm is None or (several and service is None):
             # e.g. the proxy restarted and the client kept its realm: ask the upstream.
             origin = flow.metadata["registry_default"] if registry == 0 else None
             await self._discover_realm(upstream.key, origin or Origin.parse(upstream.url))
-            learned_realm, learned_service = self.learned.get(upstream.key, (None, None))
-            upstream_realm = upstream.realm or learned_realm
-            service = upstream.service or learned_service
+            upstream_realm, service = self._realm_of(upstream)
         if upstream_realm is None:
-            _refuse(flow, 502, "UNAVAILABLE", None, "the upstream advertises no token realm")
+            _refuse(
+                flow,
+                decide.Refusal(
+                    502, "UNAVAILABLE", f"upstream {upstream.key} advertises no token realm"
+                ),
+            )
             return
-
-        mapped: list[tuple[str, str]] = []
-        dropped: list[str] = []
-
-        def map_scope(value: str) -> str | None:
-            result = auth.map_scopes(value, map_name)
-            mapped.extend(result.mapped)
-            dropped.extend(result.dropped)
-            return result.value or None
-
-        query = api.drop_query_values(auth.replace_form_values(query, "scope", map_scope), ("ns",))
-        body = None
-        if req.method == "POST":
-            body = auth.replace_form_values(form, "scope", map_scope).encode()
-        if several and service:
-            if body is not None:
-                body = auth.set_form_value(body.decode(), "service", service).encode()
-            else:
-                query = auth.set_form_value(query, "service", service)
-        url = upstream_realm + (("&" if "?" in upstream_realm else "?") + query if query else "")
-        req.url = url
-        headers = [(k, v) for k, v in req.headers.items() if k.lower() in realm.FORWARDED_HEADERS]
-        if upstream.credentials is not None:
-            # The proxy's own account on this upstream: a GET with Basic auth, whatever
-            # grant the client tried (its credentials are for the proxy, not this upstream).
-            scopes = auth.form_values(body.decode(), "scope") if body else []
-            if body is not None:
-                pairs = [("service", service)] if service else []
-                pairs += [("scope", x) for x in scopes]
-                url = upstream_realm + ("?" + urlencode(pairs, quote_via=quote) if pairs else "")
-                req.method, req.url, req.content, body = "GET", url, b"", None
-            basic = auth.basic_credentials(
-                upstream.credentials.username, upstream.credentials.password()
-            )
-            headers = [(k, v) for k, v in headers if k.lower() not in ("authorization",)]
-            headers.append(("Authorization", basic))
-        flow.comment = _token_comment(mapped, dropped)
-        # The flow now shows what goes upstream, less the secrets (they are in `headers`).
+        account = None
+        if decide.credentials_mode(rules, registry) == "account":
+            try:
+                account = await asyncio.get_running_loop().run_in_executor(
+                    self.work_pool, _account_header, upstream
+                )
+            except Exception as e:  # noqa: BLE001 - a secret that cannot be read
+                _refuse(
+                    flow,
+                    decide.Refusal(
+                        502,
+                        "UNAVAILABLE",
+                        f"credentials of upstream {upstream.key} cannot be read: {_secret_free(e)}",
+                    ),
+                )
+                return
+        plan = decide.plan_token(
+            rules,
+            req.method,
+            query,
+            form,
+            list(req.headers.items()),
+            upstream_realm,
+            service,
+            registry,
+            map_name,
+            account,
+        )
+        # The flow keeps the client's request (secrets redacted), so a replay asks anew.
         _redact_credentials(flow)
-        if body is not None:
-            req.content = auth.redact_form(body.decode()).encode()
+        if req.method == "POST":
+            req.content = auth.redact_form(form).encode()
+        flow.comment = plan.comment
         try:
-            reply = await asyncio.to_thread(
-                realm.fetch,
-                req.method,
-                url,
-                headers,
-                body,
-                self.tls,
-                ctx.options.registry_token_timeout,
+            reply = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(
+                    self.token_pool,
+                    realm.fetch,
+                    plan.method,
+                    plan.url,
+                    list(plan.headers),
+                    plan.body,
+                    self.tls,
+                    ctx.options.registry_token_timeout,
+                ),
+                # The fetch times out on its own; this bounds the wait for a free worker.
+                ctx.options.registry_token_timeout + 1,
             )
-        except realm.RealmUnreachable as e:
-            logger.warning(f"registry: token service unreachable: {e}")
-            status, code = (504, "UNAVAILABLE") if e.timeout else (502, "UNAVAILABLE")
-            _refuse(flow, status, code, None, f"token service {urlsplit(url).netloc}: {e}")
+        except (realm.RealmUnreachable, TimeoutError) as e:
+            timeout = isinstance(e, TimeoutError) or e.timeout
+            where = urlsplit(plan.url).netloc
+            logger.warning(f"registry: token service {where} unreachable: {e or 'timed out'}")
+            status = 504 if timeout else 502
+            reason = f"token service {where} ({upstream.key}): {e or 'timed out'}"
+            if upstream.realm and self.learned.get(upstream.key, (None,))[0] not in (
+                None,
+                upstream.realm,
+            ):
+                reason += (
+                    f"; the rules pin realm {upstream.realm} but the upstream advertises "
+                    f"{self.learned[upstream.key][0]}: remove 'realm' from the rules to use it"
+                )
+            _refuse(flow, decide.Refusal(status, "UNAVAILABLE", reason))
             return
         keep = {"content-type", "cache-control", "pragma", "www-authenticate"}
         headers = [
@@ -463,48 +516,27 @@ class RegistryRewrite:
             for k, v in reply.headers
             if k.lower() in keep
         ]
-        flow.response = http.Response.make(reply.status, reply.body, headers)
+        comment = plan.comment
+        marked = ""
         if reply.status != 200:
-            flow.marked = ":warning:"
-            flow.comment += f" · token service answered {reply.status}"
+            marked = ":warning:"
+            comment += f" · token service answered {reply.status}"
         else:
-            shortfall = token_shortfall(reply.body, mapped)
+            shortfall = token_shortfall(reply.body, plan.mapped)
             if shortfall:
-                flow.comment += f" · not granted: {' '.join(shortfall)}"
+                comment += f" · not granted: {' '.join(shortfall)}"
+        _answer(flow, http.Response.make(reply.status, reply.body, headers), comment)
+        if marked:
+            flow.marked = marked
 
-    def _token_upstream(self, rules: Rules, query: str, form: str):
-        """Which upstream a token request is for, and how its scope names map there.
-
-        A client's scopes for one request name one upstream (a mount across upstreams
-        is turned into an upload); scopes of other upstreams are dropped. The first scope
-        asking to push decides, else the first scope; with none (``docker login``), the
-        default upstream.
-        """
-        ns = api.query_value(query, "ns")
-        mirror = rules.mirror(ns) if ns else None
-        if mirror is not None:
-            return mirror, lambda n: n if rules.client_name(n, mirror) is not None else None
-        scopes = [
-            scope
-            for value in auth.form_values(query, "scope") + auth.form_values(form, "scope")
-            for scope in auth.parse_scopes(value)
-            if rules.route(scope.name) is not None
-        ]
-        # A push names its target with push and a mount source with pull only.
-        writes = [s for s in scopes if {"push", "delete", "*"} & set(s.actions.split(","))]
-        chosen = (writes or scopes or [None])[0]
-        registry = rules.route(chosen.name).registry if chosen is not None else 0
-
-        def map_name(name: str) -> str | None:
-            found = rules.route(name)
-            return found.name if found is not None and found.registry == registry else None
-
-        return registry, map_name
+    def _realm_of(self, upstream) -> tuple[str | None, str | None]:
+        learned_realm, learned_service = self.learned.get(upstream.key, (None, None))
+        return upstream.realm or learned_realm, upstream.service or learned_service
 
     async def _discover_realm(self, key: str, upstream: Origin) -> None:
         try:
-            reply = await asyncio.to_thread(
-                realm.fetch, "GET", f"{upstream}/v2/", [], None, self.tls, 10.0
+            reply = await asyncio.get_running_loop().run_in_executor(
+                self.token_pool, realm.fetch, "GET", f"{upstream}/v2/", [], None, self.tls, 10.0
             )
         except realm.RealmUnreachable as e:
             logger.warning(f"registry: cannot ask {upstream} for its token realm: {e}")
@@ -542,125 +574,143 @@ class RegistryRewrite:
     # --- responses ----------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        _redact_credentials(flow)
-        if flow.metadata.get("registry_answered") or flow.response is None:
-            return
-        if flow.metadata.get("registry_token") or not flow.live:
-            return  # (a flow loaded from a file was rewritten when it was live)
-        rules = self.rules
+        try:
+            _redact_credentials(flow)
+            if flow.metadata.get("registry_answered") or flow.response is None:
+                return
+            if flow.metadata.get("registry_decision") != "mapped" or not flow.live:
+                return  # (a flow loaded from a file was rewritten when it was live)
+            self._responseheaders(flow)
+        except Exception as e:  # noqa: BLE001 - fail closed, whatever went wrong
+            self._fail(flow, "responseheaders", e)
+
+    def _responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        upstream: Origin | None = flow.metadata.get("registry_upstream")
-        if upstream is None:
-            return
-        if resp.status_code not in (401, 403) and not any(
-            k.lower() in _NAMING_HEADERS for k, _ in resp.headers.fields
-        ):
+        rules = self.flow_rules.get(flow, self.rules)
+        names = {k.lower() for k, _ in resp.headers.fields}
+        request_path = api.split_target(flow.request.path)[0]
+        length = resp.headers.get("Content-Length", "")
+        keep_manifest = (
+            self.show_manifests
+            and length.isdigit()
+            and int(length) <= decide.RESPONSE_BODY_CAP
+            and _is_manifest(flow)
+        )
+        if resp.status_code not in (401, 403) and not (names & _NAMING_HEADERS):
             # Nothing here names a repository or points back at us (most blob and
-            # manifest responses): skip the header lookups below, ~2 µs each.
-            if not self._body_needs_rewrite(flow):
-                resp.stream = not (self.show_manifests and _keep_manifest(flow, resp))
+            # manifest responses): only the body may need work.
+            content_type = resp.headers.get("Content-Type", "")
+            kind = decide.body_rewrite(
+                flow.request.method, resp.status_code, request_path, content_type
+            )
+            self._body_plan(flow, kind, keep_manifest and kind is None)
             return
+        upstream: Origin = flow.metadata["registry_upstream"]
+        key = flow.metadata.get("registry_upstream_key", "default")
+        registry = next(i for i, u in enumerate(rules.upstreams) if u.key == key)
         public = self._public(flow)
-        client_name = self._client_names(flow)
         token_url = f"{public}{rules.token_path}"
         if "registry_mirror" in flow.metadata:
             token_url += f"?ns={flow.metadata['registry_mirror']}"
-
-        challenges = resp.headers.get_all("WWW-Authenticate")
-        if challenges:
-            key = rules.upstreams[flow.metadata.get("registry_route", 0)].key
-            resp.headers.set_all(
-                "WWW-Authenticate",
-                [self._challenge(key, value, token_url, client_name) for value in challenges],
-            )
+        mirror = registry if "registry_mirror" in flow.metadata else None
+        plan = decide.plan_response(
+            method=flow.request.method,
+            path=request_path,
+            status=resp.status_code,
+            content_type=resp.headers.get("Content-Type", ""),
+            challenges=resp.headers.get_all("WWW-Authenticate"),
+            location=resp.headers.get("Location"),
+            link=resp.headers.get("Link"),
+            upstream=upstream,
+            public=public,
+            token_url=token_url,
+            service=rules.service if key == "default" else None,
+            client_name=_client_names(rules, flow),
+            catalog_cursor=self._catalog_cursor,
+            keep_manifest=keep_manifest,
+            allow=decide.allowed_actions(rules, mirror),
+        )
+        note = None
         if resp.status_code in (401, 403):
+            challenges = dict(plan.headers).get("WWW-Authenticate", ())
             note = auth_note(
-                resp.status_code,
-                resp.headers.get_all("WWW-Authenticate"),
-                flow.request.headers.get("Authorization"),
+                resp.status_code, list(challenges), flow.request.headers.get("Authorization")
             )
+        # Decided: apply.
+        for name, values in plan.headers:
+            resp.headers.set_all(name, list(values))
+        for learned_realm, service in plan.learned:
+            self._learn_realm(key, learned_realm, service)
+        if note is not None:
             flow.comment = f"{flow.comment} · {note.comment}" if flow.comment else note.comment
             if note.failed:
                 flow.marked = ":lock:"
+        self._body_plan(flow, plan.rewrite, plan.keep)
 
-        def rewrite(url: str) -> str:
-            return api.rewrite_url(url, upstream, public, client_name, self._catalog_cursor)
-
-        if "Location" in resp.headers:
-            resp.headers["Location"] = rewrite(resp.headers["Location"])
-        if "Link" in resp.headers:
-            resp.headers["Link"] = api.rewrite_link(resp.headers["Link"], rewrite)
-
-        if not self._body_needs_rewrite(flow):
-            resp.stream = not (self.show_manifests and _keep_manifest(flow, resp))
-
-    def _client_names(self, flow: http.HTTPFlow):
-        """How names from this flow's upstream map back to what its client uses."""
-        rules = self.rules
-        registry = flow.metadata.get("registry_route", 0)
-        if "registry_mirror" in flow.metadata:
-            # A mirror client speaks the upstream's own names.
-            return lambda n: n if rules.client_name(n, registry) is not None else None
-        return lambda n: rules.client_name(n, registry)
-
-    def _challenge(self, key: str, value: str, token_url: str, client_name) -> str:
-        """Send the client to our token endpoint, with scopes in client names."""
-        service = self.rules.service if key == "default" else None
-        try:
-            rewritten = auth.rewrite_challenge(value, token_url, client_name, service)
-        except ValueError:
-            logger.warning(f"registry: unparseable challenge from upstream: {value[:200]!r}")
-            return value
-        if rewritten.realm:
-            self._learn_realm(key, rewritten.realm, rewritten.service)
-        return rewritten.header
-
-    def _body_needs_rewrite(self, flow: http.HTTPFlow) -> bool:
+    def _body_plan(self, flow: http.HTTPFlow, kind: str | None, keep: bool) -> None:
         resp = flow.response
-        status = resp.status_code
-        if flow.request.method == "HEAD" or (status < 400 and status != 200):
-            return False
-        if status == 200:
-            # Decide by path first: most 200s are blobs and manifests, whose headers
-            # need not be looked at.
-            path, _ = api.split_target(flow.request.path)
-            if not api.is_catalog(path):
-                repo = _repository_path(path)
-                if repo is None or repo.kind != "tags/list":
-                    return False
-        length = resp.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > JSON_BODY_LIMIT):
-            return False
-        return status == 200 or "json" in resp.headers.get("Content-Type", "")
+        if kind is None and not keep:
+            resp.stream = True
+            return
+        # Buffered to be rewritten (or shown): never more than the cap.
+        resp.stream = False
+        flow.metadata["registry_rewrite"] = kind
+        flow.metadata[patches.RESPONSE_CAP] = decide.RESPONSE_BODY_CAP
+        flow.metadata[patches.CAP_ERROR] = api.registry_error(
+            "UNAVAILABLE",
+            {"limit": decide.RESPONSE_BODY_CAP},
+            f"the upstream's {kind or 'manifest'} body is larger than the "
+            f"{decide.RESPONSE_BODY_CAP}-byte cap this proxy rewrites",
+        ).decode()
+        if keep:
+            flow.metadata["registry_kept_manifest"] = True
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("registry_decision") == "mapped":
+            # mitmproxy answers the client itself (upstream unreachable, reset, a cap).
+            flow.metadata["registry_decision"] = "error"
         _redact_credentials(flow)
+        _show_client_request(flow)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        resp = flow.response
-        if resp is None or resp.stream or flow.metadata.get("registry_answered"):
-            return
-        if not flow.live or flow.metadata.get("registry_kept_manifest"):
-            return  # loaded from a file, or a manifest whose bytes must not change
-        if flow.metadata.get("registry_token") or "registry_upstream" not in flow.metadata:
-            return
-        client_name = self._client_names(flow)
-        path, _ = api.split_target(flow.request.path)
-        content = resp.content or b""
+    async def response(self, flow: http.HTTPFlow) -> None:
         try:
-            if resp.status_code >= 400:
-                new = api.rewrite_errors(content, client_name)
-                if new is not None:
-                    resp.content = new
-            elif api.is_catalog(path):
-                resp.content = api.rewrite_catalog(content, client_name)
+            await self._response(flow)
+        finally:
+            if flow.live:
+                _show_client_request(flow)
+                if "registry_replay" in flow.metadata:
+                    flow.comment = f"{flow.metadata['registry_replay']} · {flow.comment}"
+
+    async def _response(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or not flow.live:
+            return
+        if "registry_failed" in flow.metadata:
+            # responseheaders failed on a response without a body: it never goes out.
+            _fail_response(flow, flow.metadata["registry_failed"])
+            return
+        if flow.metadata.get("registry_answered"):
+            return
+        kind = flow.metadata.get("registry_rewrite")
+        if resp.stream or kind is None:
+            return
+        try:
+            rules = self.flow_rules.get(flow, self.rules)
+            path = api.split_target(flow.request.path)[0]
+            content = resp.raw_content or b""
+            if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
+                content = resp.get_content(strict=True) or b""
+            args = (kind, content, path, _client_names(rules, flow))
+            if len(content) > INLINE_REWRITE and self.work_pool is not None:
+                loop = asyncio.get_running_loop()
+                new = await loop.run_in_executor(self.work_pool, decide.rewrite_body, *args)
             else:
-                repo = api.parse_repository_path(path)
-                if repo is not None:
-                    client = client_name(repo.name) or repo.name
-                    resp.content = api.rewrite_tags_list(content, client)
-        except ValueError:
-            logger.warning(f"registry: cannot rewrite {flow.request.path}: body is not JSON")
+                new = decide.rewrite_body(*args)
+        except Exception as e:  # noqa: BLE001 - never pass on what we could not rewrite
+            self._fail(flow, "response", e)
+            return
+        resp.headers.pop("Content-Encoding", None)
+        resp.content = new
 
     def _catalog_cursor(self, upstream_last: str) -> str:
         """The client-side ``last=`` for an upstream one: its client name, or an opaque
@@ -674,94 +724,178 @@ class RegistryRewrite:
             self.cursors.popitem(last=False)
         return cursor
 
+    # --- failing closed -------------------------------------------------------------
 
-_JSON_HEADERS = {
-    "Content-Type": "application/json",
-    "Docker-Distribution-API-Version": "registry/2.0",
-}
+    def _fail(self, flow: http.HTTPFlow, hook: str, e: Exception) -> None:
+        """The addon could not finish its work on a flow: the client gets a JSON error
+        (500 for a request, 502 for a response) and nothing half-done goes anywhere."""
+        where = f"{type(e).__name__} in {hook}"
+        key = (hook, "".join(traceback.format_exception(e)[-2:]))
+        if key not in self.failures_logged and len(self.failures_logged) < 256:
+            self.failures_logged.add(key)
+            logger.error(
+                f"registry: {where} for {flow.request.method} {flow.request.path[:200]}:\n"
+                + "".join(traceback.format_exception(e))
+            )
+        else:
+            logger.error(f"registry: {where}: {_secret_free(e)}")
+        reason = f"{where}: {_secret_free(e)}"
+        if hook in ("requestheaders", "token"):
+            _refuse(flow, decide.Refusal(500, "UNKNOWN", reason))
+            return
+        flow.metadata["registry_failed"] = reason
+        if hook == "response":
+            _fail_response(flow, reason)
+            return
+        # responseheaders: the upstream's headers must not reach the client. A body is
+        # not read past its first byte (cap 0: the client gets our 502); a response
+        # without one is replaced in the response hook.
+        flow.response.stream = False
+        flow.metadata[patches.RESPONSE_CAP] = 0
+        flow.metadata[patches.CAP_ERROR] = api.registry_error(
+            "UNAVAILABLE", message=f"the proxy could not rewrite the upstream's answer: {reason}"
+        ).decode()
 
 
-def _refuse(flow: http.HTTPFlow, status: int, code: str, detail, reason: str) -> None:
-    """Answer the client ourselves with a registry-style JSON error."""
-    body = api.registry_error(code, detail)
-    head = flow.request.method == "HEAD"
-    flow.response = http.Response.make(
-        status,
-        b"" if head else body,
-        {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"},
-    )
-    if head:
-        flow.response.headers["Content-Length"] = str(len(body))  # what GET would send
-    flow.metadata["registry_refused"] = flow.metadata["registry_answered"] = True
-    flow.marked = ":no_entry:"
-    flow.comment = f"denied: {reason}" if status < 500 else f"failed: {reason}"
-
-
-_MITMPROXY_ERROR_PAGES: dict = {}
-
-
-def _registry_style_proxy_errors(enable: bool) -> None:
-    """Make mitmproxy's own error answers (upstream refused, reset or timed out) registry
-    JSON errors instead of HTML pages, which registry clients cannot show.
-
-    mitmproxy has no option for this, so its page builders are swapped while the addon
-    is loaded; the details stay in mitmproxy's log, not in the answer (they name the
-    upstream's address).
-    """
-    from mitmproxy.proxy.layers.http import _http1, _http2, _http3
-
-    if not enable:
-        for (module, name), original in _MITMPROXY_ERROR_PAGES.items():
-            setattr(module, name, original)
-        _MITMPROXY_ERROR_PAGES.clear()
-        return
-
-    def body(status_code: int, message: str) -> bytes:
-        if status_code in (502, 503, 504):
-            return api.registry_error("UNAVAILABLE")
-        return api.registry_error("UNKNOWN", message=message or None)
-
-    def make_error_response(status_code: int, message: str = "") -> bytes:
-        resp = http.Response.make(
-            status_code,
-            body(status_code, message),
-            {
-                "Content-Type": "application/json",
-                "Docker-Distribution-API-Version": "registry/2.0",
-                "Connection": "close",
-            },
+def parse_public_url(url: str | None) -> Origin | None:
+    if not url:
+        return None
+    try:
+        origin = Origin.parse(url)
+        path = urlsplit(url).path
+    except ValueError as e:
+        raise exceptions.OptionsError(f"registry_public_url {url!r}: {e}") from None
+    if path not in ("", "/"):
+        raise exceptions.OptionsError(
+            f"registry_public_url {url!r}: give scheme://host[:port] without a path"
         )
-        return assemble_response(resp)
-
-    for module, name, replacement in (
-        (_http1, "make_error_response", make_error_response),
-        (_http2, "format_error", body),
-        (_http3, "format_error", body),
-    ):
-        if hasattr(module, name) and (module, name) not in _MITMPROXY_ERROR_PAGES:
-            _MITMPROXY_ERROR_PAGES[(module, name)] = getattr(module, name)
-            setattr(module, name, replacement)
+    return origin
 
 
-# Each flow's upstream path is parsed up to three times across its hooks (bench/hookcost.py).
-# RepositoryPath is immutable, so the parses can be shared.
-_repository_path = functools.lru_cache(maxsize=1024)(api.parse_repository_path)
+def _read_rules_file(path: str) -> bytes:
+    """The rules file's bytes (blocking: run it off the event loop once running)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(RULES_FILE_MAX + 1)
+    except OSError as e:
+        raise RulesError(f"{path}: cannot read rules file: {e}") from e
+    if len(data) > RULES_FILE_MAX:
+        raise RulesError(f"{path}: larger than {RULES_FILE_MAX} bytes; not a rules file")
+    return data
 
 
-def _keep_manifest(flow: http.HTTPFlow, message: http.Message) -> bool:
-    """Whether to buffer a manifest body (4 MiB at most, by the spec) instead of streaming
-    it, so mitmweb and mitmdump can show it. Its bytes pass unchanged."""
-    repo = _repository_path(api.split_target(flow.request.path)[0])
-    length = message.headers.get("Content-Length", "")
-    keep = (
-        repo is not None
-        and repo.kind == "manifests"
-        and length.isdigit()
-        and int(length) <= JSON_BODY_LIMIT
+def _parse_rules_file(path: str, data: bytes) -> Rules:
+    """Parse and check the rules (may take a while for many rules: off the loop)."""
+    from regrewrite.rules import parse_rules
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RulesError(f"{path}: cannot read rules file: {e}") from e
+    try:
+        return parse_rules(text, path)
+    except RulesError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a checker bug must not stop the proxy
+        raise RulesError(f"{path}: cannot check the rules: {type(e).__name__}: {e}") from e
+
+
+def _account_header(upstream) -> str:
+    """Basic credentials of the proxy's own account on ``upstream`` (reads a secret
+    file: run it off the event loop)."""
+    credentials = upstream.credentials
+    password = credentials.password()
+    if not password:
+        raise ValueError(f"the password of {credentials.username} is empty")
+    return auth.basic_credentials(credentials.username, password)
+
+
+def _secret_free(e: BaseException) -> str:
+    """An exception's message, cut short; our own messages never hold secrets, and an
+    OSError's names at most a file."""
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def _answer(flow: http.HTTPFlow, response: http.Response, comment: str) -> None:
+    """Answer the client ourselves (not an error)."""
+    flow.request.stream = False  # never stream a flow we answer
+    flow.response = response
+    flow.metadata["registry_answered"] = True
+    flow.metadata["registry_decision"] = "answered"
+    flow.comment = comment
+
+
+def _refuse(flow: http.HTTPFlow, refusal: decide.Refusal) -> None:
+    """Answer the client ourselves with a registry-style JSON error. A body the client
+    still sends is not read past REQUEST_BODY_CAP (patches.REQUEST_CAP)."""
+    body = refusal.body
+    head = flow.request.method == "HEAD"
+    response = http.Response.make(refusal.status, b"" if head else body, api.JSON_HEADERS)
+    if head:
+        response.headers["Content-Length"] = str(len(body))  # what GET would send
+    flow.request.stream = False  # never stream a flow we answer
+    flow.response = response
+    meta = flow.metadata
+    meta["registry_refused"] = meta["registry_answered"] = True
+    meta["registry_decision"] = "denied" if refusal.status < 500 else "error"
+    meta["registry_error_code"] = refusal.code
+    meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
+    meta[patches.CAP_ERROR] = api.registry_error(
+        refusal.code,
+        refusal.detail,
+        f"{api.ERROR_MESSAGES.get(refusal.code, refusal.code)} (request body over "
+        f"{decide.REQUEST_BODY_CAP} bytes not read)",
+    ).decode()
+    flow.marked = ":no_entry:"
+    flow.comment = (
+        f"denied: {refusal.reason}" if refusal.status < 500 else (f"failed: {refusal.reason}")
     )
-    if keep and message is flow.response:
-        flow.metadata["registry_kept_manifest"] = True
-    return keep
+
+
+def _fail_response(flow: http.HTTPFlow, reason: str) -> None:
+    """Replace an upstream response we could not rewrite with a JSON 502."""
+    body = api.registry_error(
+        "UNAVAILABLE", message=f"the proxy could not rewrite the upstream's answer: {reason}"
+    )
+    head = flow.request.method == "HEAD"
+    flow.response = http.Response.make(502, b"" if head else body, api.JSON_HEADERS)
+    meta = flow.metadata
+    meta["registry_decision"] = "error"
+    meta["registry_error_code"] = "UNAVAILABLE"
+    flow.marked = ":no_entry:"
+    flow.comment = f"{flow.comment} · failed: {reason}" if flow.comment else f"failed: {reason}"
+
+
+def _show_client_request(flow: http.HTTPFlow) -> None:
+    """Once a flow has gone upstream, show the request as the client sent it (its path
+    and the reverse-mode target): what a person reads and edits, and what a replay maps
+    anew. What went upstream stays in the comment and in ``registry_upstream_target``."""
+    meta = flow.metadata
+    target = meta.pop("registry_client_target", None)
+    if target is None:
+        return
+    default = meta.get("registry_default")
+    req = flow.request
+    req.path = target
+    if default is not None:
+        req.scheme, req.host, req.port = default[0], default[1], default[2]
+
+
+def _client_names(rules: Rules, flow: http.HTTPFlow) -> api.MapName:
+    """How names from this flow's upstream map back to what its client uses."""
+    key = flow.metadata.get("registry_upstream_key", "default")
+    registry = next((i for i, u in enumerate(rules.upstreams) if u.key == key), None)
+    if registry is None:
+        raise LookupError(f"upstream {key} is no longer in the rules")
+    if "registry_mirror" in flow.metadata:
+        # A mirror client speaks the upstream's own names.
+        return lambda n: n if rules.client_name(n, registry) is not None else None
+    return lambda n: rules.client_name(n, registry)
+
+
+def _is_manifest(flow: http.HTTPFlow) -> bool:
+    repo = api.parse_repository_path(api.split_target(flow.request.path)[0])
+    return repo is not None and repo.kind == "manifests"
 
 
 def _drop_client_authority(request: http.Request) -> None:
@@ -788,22 +922,36 @@ def _drop_client_authority(request: http.Request) -> None:
             request.headers.pop(name, None)
 
 
-def _mount_source(rules: Rules, name: str, mirror: int | None) -> Route | None:
-    """Where a mount's ``from`` lies upstream (as ``_route`` finds it), or None when no
-    rule reaches it; never refuses: a mount that cannot be done becomes an upload."""
-    if not is_valid_name(name):
+def _user(authorization: str | None) -> str | None:
+    """Who the client says it is: a Bearer token's subject or a Basic username."""
+    if not authorization:
         return None
-    if mirror is not None:
-        return Route(mirror, name) if rules.client_name(name, mirror) is not None else None
-    found = rules.names.lookup(name)
-    if found is None:
-        return Route(0, name) if rules.unmatched == "pass" else None
-    return found if is_valid_name(found.name) else None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        with contextlib.suppress(ValueError, binascii.Error):
+            return base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
+        return None
+    info = _bearer_info(authorization)
+    sub = (info or {}).get("claims", {}).get("sub") if isinstance(info, dict) else None
+    return sub if isinstance(sub, str) else None
 
 
-# A client sends the same token with every request of a pull or push; decoding it each
-# time cost ~25-50 µs per flow (bench/hookcost.py). The dicts are shared: read-only.
-_bearer_info = functools.lru_cache(maxsize=256)(bearer_info)
+# Claims of the Bearer tokens seen lately, by the sha256 of the header: a client sends
+# the same token with every request of a pull or push, and decoding it each time cost
+# ~25-50 µs per flow (bench/hookcost.py). Keyed by a hash so no token stays in memory.
+_BEARER_CACHE: OrderedDict[bytes, dict | None] = OrderedDict()
+
+
+def _bearer_info(authorization: str) -> dict | None:
+    key = hashlib.sha256(authorization.encode("latin-1", "replace")).digest()
+    if key in _BEARER_CACHE:
+        _BEARER_CACHE.move_to_end(key)
+        return _BEARER_CACHE[key]
+    info = bearer_info(authorization)
+    _BEARER_CACHE[key] = info
+    if len(_BEARER_CACHE) > 256:
+        _BEARER_CACHE.popitem(last=False)
+    return info
 
 
 def _redact_credentials(flow: http.HTTPFlow) -> None:
@@ -825,14 +973,6 @@ def _redact_credentials(flow: http.HTTPFlow) -> None:
     headers.fields = tuple(fields)
 
 
-def _token_comment(mapped: list[tuple[str, str]], dropped: list[str]) -> str:
-    parts = [f"token: {len(mapped)} scope{'s' if len(mapped) != 1 else ''} mapped"]
-    parts += [f"{a} → {b}" for a, b in mapped]
-    if dropped:
-        parts.append(f"dropped {' '.join(dropped)}")
-    return " · ".join(parts)
-
-
 def _client_origin(flow: http.HTTPFlow) -> Origin:
     """This proxy's address as the client reached it (reverse mode rewrote Host)."""
     conn = flow.client_conn
@@ -840,14 +980,6 @@ def _client_origin(flow: http.HTTPFlow) -> Origin:
     if conn.tls_established:
         return Origin("https", conn.sni or host, port)
     return Origin("http", host, port)
-
-
-def _stamp(path: str) -> tuple[float, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime, st.st_size
 
 
 # Health answers /livez and /readyz and TrustedProxies reads forwarding headers before

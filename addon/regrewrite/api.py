@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+# Maps a repository name from one side to the other; None: it has no name there.
 MapName = Callable[[str], str | None]
 
 # The endpoints that follow a repository name. The name is the shortest prefix that
@@ -22,8 +23,6 @@ _REPOSITORY_PATH = re.compile(
     r"|tags/list|referrers/[^/]+))"
 )
 
-ENDPOINT_KINDS = ("manifests", "blobs/uploads", "blobs", "tags/list", "referrers")
-
 
 @dataclass(frozen=True)
 class RepositoryPath:
@@ -32,7 +31,7 @@ class RepositoryPath:
 
     @functools.cached_property
     def kind(self) -> str:
-        """One of ENDPOINT_KINDS."""
+        """manifests, blobs/uploads, blobs, tags/list or referrers."""
         part = self.endpoint[1:]
         if part.startswith("blobs/uploads/"):
             return "blobs/uploads"
@@ -151,22 +150,22 @@ def rewrite_url(
 
     Relative URLs and absolute ones at the upstream get their repository name mapped
     (and point at the proxy); a URL at any other host (a redirect to blob storage)
-    is left exactly as it is.
+    is left exactly as it is. Raises ValueError for a URL it cannot parse, and for one
+    at the upstream naming a repository that maps back to no client name: passing either
+    on could hand the client an upstream name.
     """
-    parts = urlsplit(url)
+    parts = urlsplit(url)  # raises ValueError for a malformed netloc
     if parts.netloc:
-        try:
-            origin = Origin.parse(url)
-        except ValueError:
-            return url
+        origin = Origin.parse(url)
         if origin != upstream:
             return url
     path, query = parts.path, parts.query
     repo = parse_repository_path(path)
     if repo is not None:
         name = map_name(repo.name)
-        if name is not None:
-            path = RepositoryPath(name, repo.endpoint).path()
+        if name is None:
+            raise ValueError(f"{url!r} names {repo.name}, which maps back to no client name")
+        path = RepositoryPath(name, repo.endpoint).path()
     elif is_catalog(path) and map_catalog_last is not None:
         last = query_value(query, "last")
         if last is not None:
@@ -188,7 +187,7 @@ def rewrite_link(header: str, rewrite: Callable[[str], str]) -> str:
     while pos < len(header):
         m = _LINK.match(header, pos)
         if m is None:
-            return header  # not a Link we understand: leave it alone
+            raise ValueError(f"cannot parse Link header {header[:200]!r}")
         out.append(f"<{rewrite(m.group('url'))}>{m.group('params')}")
         pos = m.end()
         while pos < len(header) and header[pos] in ", ":
@@ -199,20 +198,31 @@ def rewrite_link(header: str, rewrite: Callable[[str], str]) -> str:
 # --- JSON bodies ----------------------------------------------------------------------
 
 
+# The rewriters below raise ValueError for a body they cannot rewrite with certainty
+# (not JSON, not the expected shape); the addon then answers 502 instead of passing it.
+
+
+def _json_object(body: bytes) -> dict:
+    doc = json.loads(body)  # ValueError (JSONDecodeError, UnicodeDecodeError) if not JSON
+    if not isinstance(doc, dict):
+        raise ValueError("the body is not a JSON object")
+    return doc
+
+
 def rewrite_tags_list(body: bytes, client_name: str) -> bytes:
     """tags/list names the repository: the client must see the name it asked for."""
-    doc = json.loads(body)
-    if isinstance(doc, dict) and "name" in doc:
+    doc = _json_object(body)
+    if "name" in doc:
         doc["name"] = client_name
     return json.dumps(doc).encode()
 
 
 def rewrite_catalog(body: bytes, map_name: MapName) -> bytes:
     """Map _catalog's repositories to client names, dropping those with none."""
-    doc = json.loads(body)
-    repositories = doc.get("repositories") if isinstance(doc, dict) else None
+    doc = _json_object(body)
+    repositories = doc.get("repositories")
     if not isinstance(repositories, list):
-        return body
+        raise ValueError("_catalog body has no 'repositories' list")
     doc["repositories"] = [
         client
         for client in (map_name(n) if isinstance(n, str) else None for n in repositories)
@@ -221,16 +231,12 @@ def rewrite_catalog(body: bytes, map_name: MapName) -> bytes:
     return json.dumps(doc).encode()
 
 
-def rewrite_errors(body: bytes, map_name: MapName) -> bytes | None:
-    """Map repository names in the ``detail`` of a registry JSON error.
-
-    Returns None when the body is not such an error (leave it untouched)."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("errors"), list):
-        return None
+def rewrite_errors(body: bytes, map_name: MapName) -> bytes:
+    """Map repository names in the ``detail`` of a registry JSON error; a name that maps
+    back to no client name is left out."""
+    doc = _json_object(body)
+    if not isinstance(doc.get("errors"), list):
+        raise ValueError("the JSON error body has no 'errors' list")
     for error in doc["errors"]:
         if isinstance(error, dict) and "detail" in error:
             error["detail"] = _map_detail(error["detail"], map_name)
@@ -245,7 +251,9 @@ def _map_detail(detail, map_name: MapName):
         out = {}
         for key, value in detail.items():
             if key.lower() == "name" and isinstance(value, str):
-                out[key] = map_name(value) or value
+                client = map_name(value)
+                if client is not None:
+                    out[key] = client
             else:
                 out[key] = _map_detail(value, map_name)
         return out
@@ -263,6 +271,13 @@ ERROR_MESSAGES = {
     "MANIFEST_INVALID": "manifest invalid",
     "DIGEST_INVALID": "provided digest did not match uploaded content",
     "BLOB_UPLOAD_INVALID": "blob upload invalid",
+    "SIZE_INVALID": "the body is larger than this proxy accepts",
+}
+
+# The headers of every JSON answer the proxy makes itself.
+JSON_HEADERS = {
+    "Content-Type": "application/json",
+    "Docker-Distribution-API-Version": "registry/2.0",
 }
 
 

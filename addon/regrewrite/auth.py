@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote, unquote_plus
 
-MapName = Callable[[str], str | None]
+from .api import MapName
+
+# The actions a client name may ask for (read-only rules); None: the name has no rule.
+AllowActions = Callable[[str], frozenset[str] | None]
+WRITE_ACTIONS = frozenset({"push", "delete", "*"})
 
 
 # --- scopes -------------------------------------------------------------------------
@@ -67,12 +71,31 @@ class MappedScopes(NamedTuple):
     dropped: tuple[str, ...]  # scopes no rule maps, or that don't parse
 
 
-def map_scopes(value: str, map_name: MapName) -> MappedScopes:
+def narrow_actions(actions: str, allowed: frozenset[str] | None) -> str:
+    """``actions`` less the writes (push, delete, ``*``) ``allowed`` does not grant;
+    other actions (``pull``, Azure's ``metadata_read``) pass as they are."""
+    if allowed is None:
+        return actions
+    kept = [
+        a
+        for a in actions.split(",")
+        if a not in WRITE_ACTIONS or a in allowed or (a == "*" and {"push", "delete"} <= allowed)
+    ]
+    return ",".join(kept)
+
+
+def map_scopes(
+    value: str,
+    map_name: MapName,
+    allow: AllowActions | None = None,
+    allow_target: bool = False,
+) -> MappedScopes:
     """Map the names in a space-separated list of scopes.
 
     Repository scopes whose name ``map_name`` can't map are dropped, so no token is
     ever asked for a name outside the rules; other types (``registry:catalog:*``)
-    pass as they are.
+    pass as they are. ``allow`` narrows each scope's actions to what the rules allow for
+    its client name: the source name, or with ``allow_target`` the mapped one.
     """
     out: list[str] = []
     mapped: list[tuple[str, str]] = []
@@ -92,7 +115,13 @@ def map_scopes(value: str, map_name: MapName) -> MappedScopes:
         if name is None:
             dropped.append(text)
             continue
-        new = str(Scope(scope.type, name, scope.actions))
+        actions = scope.actions
+        if allow is not None:
+            actions = narrow_actions(actions, allow(name if allow_target else scope.name))
+            if not actions:
+                dropped.append(text)
+                continue
+        new = str(Scope(scope.type, name, actions))
         out.append(new)
         mapped.append((text, new))
     return MappedScopes(" ".join(out), tuple(mapped), tuple(dropped))
@@ -243,11 +272,16 @@ class RewrittenChallenge(NamedTuple):
 
 
 def rewrite_challenge(
-    header: str, realm: str, map_name: MapName, service: str | None = None
+    header: str,
+    realm: str,
+    map_name: MapName,
+    service: str | None = None,
+    allow: AllowActions | None = None,
 ) -> RewrittenChallenge:
     """Point every Bearer challenge at this proxy's token endpoint (``realm``) and
-    map the names in its ``scope`` back to client names. Other schemes pass unchanged.
-    ``service``, when given, replaces the upstream's."""
+    map the names in its ``scope`` back to client names, asking only for the actions
+    ``allow`` grants. Other schemes pass unchanged. ``service``, when given, replaces the
+    upstream's. Raises ValueError for a header it cannot parse."""
     challenges = parse_challenges(header)
     upstream_realm = upstream_service = None
     out = []
@@ -258,7 +292,11 @@ def rewrite_challenge(
         upstream_realm = c.get("realm") or upstream_realm
         upstream_service = c.get("service") or upstream_service
         scope = c.get("scope")
-        new_scope = map_scopes(scope, map_name).value if scope is not None else None
+        new_scope = (
+            map_scopes(scope, map_name, allow, allow_target=True).value
+            if scope is not None
+            else None
+        )
         changes: dict[str, str | None] = {"realm": realm, "scope": new_scope or None}
         if service is not None:
             changes["service"] = service

@@ -22,6 +22,16 @@ def version() -> str:
         return "unknown"
 
 
+def rules_path(args: list[str]) -> str:
+    """The rules file the arguments name (``--set registry_rules=...``), or the default."""
+    path = "rules.yaml"
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "--set" and i + 1 < len(args) else arg
+        if value.startswith("registry_rules="):
+            path = value.partition("=")[2]
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if "--version" in args:
@@ -29,6 +39,15 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"{DISTRIBUTION} {version()} (mitmproxy {VERSION})")
         return
+    from regrewrite.rules import RulesError, load_rules
+
+    try:
+        # Checked before mitmdump starts: it loads scripts while it brings its servers up,
+        # so a bad file would otherwise print "listening at ..." before the error.
+        load_rules(rules_path(args))
+    except RulesError as e:
+        print(f"registry-rewrite: {e}", file=sys.stderr)
+        sys.exit(1)
     from importlib.util import find_spec
 
     from mitmproxy.tools.main import mitmdump

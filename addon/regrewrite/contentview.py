@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import json
 import re
@@ -163,13 +162,12 @@ def format_size(size: Any) -> str:
 
 # --- claims ---------------------------------------------------------------------------
 
-ClientName = Callable[[str], str | None]
 _TIME_CLAIMS = (("iat", "issued at"), ("nbf", "not before"), ("exp", "expires"))
 _KNOWN_CLAIMS = {"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "access"}
 
 
 def describe_claims(
-    jwt: Jwt, now: float, client_name: ClientName | None = None, indent: str = "  "
+    jwt: Jwt, now: float, client_name: api.MapName | None = None, indent: str = "  "
 ) -> list[str]:
     """The claims of a registry token, one per line (``access`` one entry a line)."""
     c = jwt.claims
@@ -201,7 +199,7 @@ def describe_claims(
     return [indent + line for line in lines]
 
 
-def describe_access(access: Any, client_name: ClientName | None = None) -> list[str]:
+def describe_access(access: Any, client_name: api.MapName | None = None) -> list[str]:
     if access is None:
         return ["access: (no access claim)"]
     if not isinstance(access, list):
@@ -324,14 +322,12 @@ def _sorted_actions(scopes: str) -> str:
 
 
 def parse_json(data: bytes) -> Any:
-    """The JSON object in ``data``, or None; cheap for anything that is not one."""
+    """The JSON object in ``data``, or None; cheap for anything that is not one.
+
+    Not cached: a cache would keep token responses (secrets) and 4 MiB manifests in
+    memory after their flows are gone; the view parses only what someone looks at."""
     if not data or len(data) > MAX_JSON or data.lstrip()[:1] != b"{":
         return None
-    return _parse_json(data)
-
-
-@functools.lru_cache(maxsize=16)
-def _parse_json(data: bytes) -> Any:
     try:
         doc = json.loads(data)
     except ValueError:
@@ -365,7 +361,7 @@ def manifest_type(doc: Any, content_type: str | None) -> str | None:
 
 
 def describe_token_response(
-    doc: dict, now: float, client_name: ClientName | None = None
+    doc: dict, now: float, client_name: api.MapName | None = None
 ) -> list[str]:
     lines = ["# registry token: claims decoded, signature not verified; the token is withheld"]
     tokens = {k: doc[k] for k in ("token", "access_token") if isinstance(doc.get(k), str)}
@@ -478,7 +474,7 @@ def describe_tags(doc: dict, upstream_name: str | None) -> list[str]:
     return lines
 
 
-def describe_catalog(doc: dict, upstream_name: ClientName | None) -> list[str]:
+def describe_catalog(doc: dict, upstream_name: api.MapName | None) -> list[str]:
     repos = doc.get("repositories")
     repos = repos if isinstance(repos, list) else []
     lines = [f"# _catalog: {len(repos)} repositories (client name → upstream name)"]
@@ -580,15 +576,26 @@ def describe_rules(
             mirror_of = getattr(up, "mirror_of", ())
             if mirror_of:
                 lines.append(f"{prefix} mirror of: {', '.join(mirror_of)}")
-            credentials = getattr(up, "credentials", None)
-            if credentials is not None:
-                lines.append(f"{prefix} credentials: user {credentials.username} (password hidden)")
+        credentials = getattr(up, "credentials", None)
+        if credentials is not None:
+            who = {
+                "client": "the client's own",
+                "anonymous": "none (anonymous)",
+                "account": f"the proxy's account {credentials.username} (password hidden)",
+            }[credentials.mode]
+            lines.append(f"{prefix} credentials: {who}")
         lines += _realm_lines(prefix, up.realm, up.service, *learned.get(key, (None, None)))
     lines.append("rules (the first that matches maps a name, both ways):")
     for i, rule in enumerate(rules.names.rules, start=1):
         registry = getattr(rule, "registry", 0)
         via = f" @{keys[registry]}" if registry and registry < len(keys) else ""
-        lines.append(f"  {i}. {rule.client.text} → {rule.upstream.text}{via}")
+        actions = getattr(rule, "actions", None)
+        only = (
+            f" (only {', '.join(sorted(actions))})"
+            if actions is not None and actions != frozenset({"pull", "push", "delete"})
+            else ""
+        )
+        lines.append(f"  {i}. {rule.client.text} → {rule.upstream.text}{via}{only}")
     if not n:
         lines.append("  (none)")
     return "\n".join(lines)
@@ -619,7 +626,7 @@ def _realm_lines(
     return lines
 
 
-def client_namer(rules: Rules) -> ClientName:
+def client_namer(rules: Rules) -> api.MapName:
     """Client names for upstream names of any upstream (the first that maps one)."""
     count = len(getattr(rules, "upstreams", ()) or ()) or 1
     if count == 1:
@@ -635,7 +642,7 @@ def client_namer(rules: Rules) -> ClientName:
     return client_name
 
 
-def upstream_namer(rules: Rules) -> ClientName:
+def upstream_namer(rules: Rules) -> api.MapName:
     """Upstream names for client names; ``name @key`` when another upstream serves it."""
     upstreams = getattr(rules, "upstreams", None)
     if not upstreams or len(upstreams) == 1 or not hasattr(rules, "route"):
@@ -778,7 +785,7 @@ def _bearer(msg: Message) -> Jwt | None:
     return Jwt(info["header"], info["claims"]) if info else None
 
 
-def _describe_credentials(msg: Message, now: float, client_name: ClientName | None) -> list[str]:
+def _describe_credentials(msg: Message, now: float, client_name: api.MapName | None) -> list[str]:
     jwt = _bearer(msg)
     if jwt is not None:
         head = "# Authorization: Bearer token presented (claims decoded, not verified; withheld)"

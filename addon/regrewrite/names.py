@@ -5,21 +5,25 @@ component (or the rest of one, after or before a literal), ``{x:path}`` for one
 or more whole components. A rule pairs a client template with an upstream
 template over the same placeholders, so it maps both ways.
 
-No mitmproxy imports here: this is the naming half of the registry protocol.
+No mitmproxy imports here: this is the naming half of the registry protocol. Every
+value is immutable, so rules can be built in a worker thread and shared.
 """
 
 from __future__ import annotations
 
-import functools
+import bisect
 import re
 from collections import deque
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 # distribution/reference: components joined by "/", whole name at most 255 chars.
 COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")
 NAME_MAX_LENGTH = 255
+
+# What a client may do to a repository through a rule (distribution's scope actions).
+ACTIONS = frozenset({"pull", "push", "delete"})
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -39,11 +43,45 @@ class Placeholder:
 # A template is a sequence of literal strings and placeholders.
 Part = str | Placeholder
 
+# One path component of a template, for the overlap check: ("lit", text) matches
+# exactly text; ("one", prefix, suffix) matches prefix + one or more characters other
+# than "/" + suffix; ANY matches any component (inside a {x:path}).
+Component = tuple[str, ...]
+ANY: Component = ("any",)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A template as components: ``head``, then (if it has a ``{x:path}``) the path's
+    components, the first prefixed by ``path``, then ``tail``."""
+
+    head: tuple[Component, ...]
+    path: str | None  # the literal before {x:path} in its first component; None: no path
+    tail: tuple[Component, ...]
+
+    @property
+    def min_length(self) -> int:
+        """The fewest components of a name it produces (the exact count without a path)."""
+        return len(self.head) + (0 if self.path is None else 1 + len(self.tail))
+
+    def at(self, n: int, i: int) -> Component:
+        """Component ``i`` of the ``n``-component names this template produces."""
+        if self.path is None or i < len(self.head):
+            return self.head[i]
+        if i == len(self.head):
+            return ("one", self.path, "")
+        if i >= n - len(self.tail):
+            return self.tail[i - (n - len(self.tail))]
+        return ANY
+
 
 @dataclass(frozen=True)
 class Template:
     text: str
     parts: tuple[Part, ...]
+    shape: Shape = field(compare=False, repr=False)
+    prefix: str = field(compare=False, repr=False)  # the literal text every name starts with
+    suffix: str = field(compare=False, repr=False)  # ... and ends with
 
     @property
     def placeholders(self) -> frozenset[str]:
@@ -113,26 +151,48 @@ def parse_template(text: str) -> Template:
                         "name cannot hold (only a-z, 0-9, '.', '_', '-' and '/')"
                     )
     for i, part in enumerate(parts):
-        # {x:path} spans whole components: after it must come "/" or the end,
-        # before it "/" or the start, except that a literal may prefix its first component.
+        # {x:path} spans whole components: after it must come "/" or the end; a literal
+        # may prefix its first component.
         if isinstance(part, Placeholder) and part.path:
             after = parts[i + 1] if i + 1 < len(parts) else None
             if after is not None and not (isinstance(after, str) and after.startswith("/")):
                 raise ValueError(f"template {text!r}: {{{part.name}:path}} must end its component")
     if not names and not is_valid_name(text):
         raise ValueError(f"template {text!r} is not a valid repository name")
-    return Template(text, tuple(parts))
+    prefix = parts[0] if isinstance(parts[0], str) else ""
+    suffix = parts[-1] if isinstance(parts[-1], str) else ""
+    return Template(text, tuple(parts), _shape(components), prefix, suffix)
+
+
+def _shape(components: list[str]) -> Shape:
+    head: list[Component] = []
+    tail: list[Component] = []
+    path: str | None = None
+    for component in components:
+        m = _PLACEHOLDER.search(component)
+        if m is None:
+            comp: Component = ("lit", component)
+        elif m.group(1).endswith(":path"):
+            path = component[: m.start()]  # parse_template made sure it ends the component
+            continue
+        else:
+            comp = ("one", component[: m.start()], component[m.end() :])
+        (head if path is None else tail).append(comp)
+    return Shape(tuple(head), path, tuple(tail))
 
 
 @dataclass(frozen=True)
 class Rule:
     client: Template
     upstream: Template
-    label: str  # how error messages name it, e.g. "rule 2 (team/{r:path})"
+    label: str  # how error messages name it, e.g. "rule 2 (team/{r:path} -> acme/{r:path})"
     registry: int = 0  # the upstream registry that serves it (0: the reverse-mode target)
+    actions: frozenset[str] = ACTIONS  # what clients may do to names it maps
 
 
-def parse_rule(client: str, upstream: str, label: str, registry: int = 0) -> Rule:
+def parse_rule(
+    client: str, upstream: str, label: str, registry: int = 0, actions: frozenset[str] = ACTIONS
+) -> Rule:
     c = parse_template(client)
     u = parse_template(upstream)
     if c.placeholders != u.placeholders:
@@ -146,20 +206,144 @@ def parse_rule(client: str, upstream: str, label: str, registry: int = 0) -> Rul
             )
             if s
         )
-        raise ValueError(
-            f"client {client!r} and upstream {upstream!r} use different placeholders ({detail})"
-        )
+        raise ValueError(f"client and upstream use different placeholders ({detail})")
     kinds_c = {p.name: p.path for p in c.parts if isinstance(p, Placeholder)}
     kinds_u = {p.name: p.path for p in u.parts if isinstance(p, Placeholder)}
     if kinds_c != kinds_u:
-        raise ValueError(
-            f"client {client!r} and upstream {upstream!r}: a placeholder is ':path' on one "
-            "side only"
-        )
-    return Rule(c, u, label, registry)
+        raise ValueError("a placeholder is ':path' on one side only")
+    return Rule(c, u, label, registry, actions)
 
 
-# --- ambiguity: do two templates produce a common name? -------------------------
+# --- overlap: do two templates produce a common name? -----------------------------
+#
+# Components are matched independently (no placeholder crosses a "/"), so two templates
+# share a name iff, for some component count n, each of their n component patterns pair
+# up compatibly. A {x:path} only adds ANY components in the middle, which match
+# anything: with two paths, the largest count that separates both heads from both tails
+# is the most permissive, so one count decides (common_name below is the slow exact
+# reference the tests compare against).
+
+
+def _sample(c: Component) -> str:
+    if c[0] == "lit":
+        return c[1]
+    if c[0] == "one":
+        return c[1] + "a" + c[2]
+    return "a"
+
+
+def _meet(x: Component, y: Component) -> str | None:
+    """A component both patterns match, or None."""
+    if x is ANY or y is ANY:
+        return _sample(y if x is ANY else x)
+    if x[0] == "lit" and y[0] == "lit":
+        return x[1] if x[1] == y[1] else None
+    if x[0] == "lit" or y[0] == "lit":
+        (_, text), (_, p, s) = (x, y) if x[0] == "lit" else (y, x)
+        ok = len(text) > len(p) + len(s) and text.startswith(p) and text.endswith(s)
+        return text if ok else None
+    (_, p1, s1), (_, p2, s2) = x, y
+    p = p1 if len(p1) >= len(p2) else p2
+    s = s1 if len(s1) >= len(s2) else s2
+    if not (p.startswith(p1) and p.startswith(p2) and s.endswith(s1) and s.endswith(s2)):
+        return None
+    return p + "a" + s
+
+
+def _overlap_at(a: Shape, b: Shape, n: int) -> str | None:
+    out = []
+    for i in range(n):
+        found = _meet(a.at(n, i), b.at(n, i))
+        if found is None:
+            return None
+        out.append(found)
+    return "/".join(out)
+
+
+def overlap(a: Template, b: Template) -> str | None:
+    """A name both templates produce, or None. Exact, and linear in their length."""
+    sa, sb = a.shape, b.shape
+    if sa.path is None and sb.path is None:
+        return _overlap_at(sa, sb, len(sa.head)) if len(sa.head) == len(sb.head) else None
+    if sa.path is None or sb.path is None:
+        n = len(sa.head) if sa.path is None else len(sb.head)
+        return _overlap_at(sa, sb, n) if n >= max(sa.min_length, sb.min_length) else None
+    widest = sa.min_length + sb.min_length + 1
+    if _overlap_at(sa, sb, widest) is None:
+        return None
+    # The shortest example reads best in an error message.
+    for n in range(max(sa.min_length, sb.min_length), widest + 1):
+        found = _overlap_at(sa, sb, n)
+        if found is not None:
+            return found
+    return None  # pragma: no cover (widest matched)
+
+
+def overlapping_pairs(templates: list[Template]) -> Iterator[tuple[int, int, str]]:
+    """Every (i, j, example) with i < j whose templates share a name, in order of j, i.
+
+    Two templates can only share a name if their literal prefixes are prefixes of one
+    another and their literal suffixes suffixes of one another: templates are indexed by
+    prefix, then suffix, so each finds its few candidates by lookups instead of comparing
+    itself with all others; the exact ``overlap`` decides each candidate.
+    """
+    by_prefix: dict[str, _SuffixIndex] = {}
+    for i, t in enumerate(templates):
+        by_prefix.setdefault(t.prefix, _SuffixIndex()).add(t.suffix, i)
+    for index in by_prefix.values():
+        index.freeze()
+    prefix_lengths = sorted({len(p) for p in by_prefix})
+    pairs: set[tuple[int, int]] = set()
+    for i, t in enumerate(templates):
+        for k in prefix_lengths:
+            if k > len(t.prefix):
+                break
+            index = by_prefix.get(t.prefix[:k])
+            if index is not None:
+                for j in index.compatible(t.suffix):
+                    if j != i:
+                        pairs.add((min(i, j), max(i, j)))
+    for i, j in sorted(pairs, key=lambda p: (p[1], p[0])):
+        a, b = templates[i].shape, templates[j].shape
+        if a.path is None and b.path is None and len(a.head) != len(b.head):
+            continue
+        example = overlap(templates[i], templates[j])
+        if example is not None:
+            yield i, j, example
+
+
+_AFTER_EVERY_INDEX = float("inf")
+
+
+class _SuffixIndex:
+    """Indices by literal suffix: finds those whose suffix ends, or is ended by, a given one."""
+
+    def __init__(self) -> None:
+        self.by_suffix: dict[str, list[int]] = {}
+        self.lengths: list[int] = []
+        self.reversed: list[tuple[str, int]] = []
+
+    def add(self, suffix: str, i: int) -> None:
+        self.by_suffix.setdefault(suffix, []).append(i)
+
+    def freeze(self) -> None:
+        self.lengths = sorted({len(s) for s in self.by_suffix})
+        self.reversed = sorted((s[::-1], i) for s, ids in self.by_suffix.items() for i in ids)
+
+    def compatible(self, suffix: str) -> Iterator[int]:
+        for k in self.lengths:  # suffixes of `suffix`, itself included
+            if k > len(suffix):
+                break
+            yield from self.by_suffix.get(suffix[len(suffix) - k :], ())
+        key = suffix[::-1]  # longer suffixes that end with `suffix`
+        start = bisect.bisect_right(self.reversed, (key, _AFTER_EVERY_INDEX))
+        for rev, i in self.reversed[start:]:
+            if not rev.startswith(key):
+                break
+            yield i
+
+
+# --- the slow exact reference: a product-automaton search -------------------------
 
 
 # Template automaton tokens: a literal character, or a placeholder.
@@ -200,12 +384,14 @@ def _accepting(tokens: list, state: State) -> bool:
 
 
 def common_name(a: Template, b: Template) -> str | None:
-    """A name both templates can produce, or None. Exact: a product-automaton search."""
+    """A name both templates can produce, or None. Exact but exponential in the worst
+    case: the reference ``overlap`` is tested against."""
     ta, tb = _tokens(a), _tokens(b)
     literal_chars = {t for t in ta + tb if isinstance(t, str)}
-    # One character no literal uses stands for all the others a placeholder may take.
-    other = next(c for c in "abcdefghijklmnopqrstuvwxyz0123456789" if c not in literal_chars)
-    # Letters first, so the example shown in errors is a readable name.
+    # One character no literal uses stands for all the others a placeholder may take
+    # (literals hold at most the 39 characters of the name grammar, so "~" is free).
+    other = next(c for c in "abcdefghijklmnopqrstuvwxyz0123456789._-~" if c not in literal_chars)
+    # Letters first, so the example is a readable name.
     alphabet = [other] + sorted(literal_chars | {"/"}, key=lambda c: (not c.isalnum(), c))
     start = (frozenset({(0, False)}), frozenset({(0, False)}))
     seen = {start}
@@ -223,95 +409,41 @@ def common_name(a: Template, b: Template) -> str | None:
     return None
 
 
-# --- the rule set -----------------------------------------------------------------
+# --- matching names against many templates -----------------------------------------
 
 
-class Route(NamedTuple):
-    registry: int  # which upstream registry serves the name (0: the reverse-mode target)
-    name: str  # the repository name there
+class TemplateIndex:
+    """Templates in order, each indexed by the longer of its literal prefix and suffix,
+    so matching a name tries only the few templates that can match it, however many
+    there are (placeholder-first templates such as ``{x}.mirror`` included)."""
 
+    def __init__(self, templates: list[Template]) -> None:
+        self.templates = tuple(templates)
+        self.patterns = tuple(re.compile(t.pattern()) for t in templates)
+        prefixes: dict[int, dict[str, list[int]]] = {}
+        suffixes: dict[int, dict[str, list[int]]] = {}
+        for i, t in enumerate(templates):
+            if len(t.suffix) > len(t.prefix):
+                suffixes.setdefault(len(t.suffix), {}).setdefault(t.suffix, []).append(i)
+            else:
+                prefixes.setdefault(len(t.prefix), {}).setdefault(t.prefix, []).append(i)
+        self.prefixes = tuple(prefixes.items())
+        self.suffixes = tuple(suffixes.items())
 
-class RuleSet:
-    """Rules in order; the first whose client template matches a name maps it.
-
-    Each side is indexed by the literal text before a template's first placeholder,
-    so a lookup tries only the few rules that can match, however many there are;
-    results are cached because clients repeat the same few names.
-    """
-
-    def __init__(self, rules: tuple[Rule, ...]) -> None:
-        self.rules = rules
-        forward = _Direction([r.client for r in rules], [r.upstream for r in rules])
-        self._forward = forward
-        # Names map back only among the rules of the registry that sent them.
-        self._backward: dict[int, _Direction] = {}
-        for registry in sorted({r.registry for r in rules}):
-            own = [r for r in rules if r.registry == registry]
-            self._backward[registry] = _Direction(
-                [r.upstream for r in own], [r.client for r in own]
-            )
-        self.lookup = functools.lru_cache(maxsize=4096)(self._lookup)
-        self.to_client = functools.lru_cache(maxsize=4096)(self._to_client)
-
-    def _lookup(self, name: str) -> Route | None:
-        """Where the first matching rule sends a client name (the name not checked for
-        validity), or None when no rule matches."""
-        found = self._forward.map(name)
-        if found is None:
-            return None
-        i, upstream = found
-        return Route(self.rules[i].registry, upstream)
-
-    def route(self, name: str) -> Route | None:
-        """Where a client name goes, or None when no rule maps it to a valid name."""
-        found = self.lookup(name)
-        return found if found is not None and is_valid_name(found.name) else None
-
-    def to_upstream(self, name: str) -> str | None:
-        """The upstream name for a client name, or None when no rule maps it to a valid one."""
-        found = self.route(name)
-        return found.name if found is not None else None
-
-    def _to_client(self, name: str, registry: int = 0) -> str | None:
-        """The client name for a name on upstream ``registry``, or None when no rule maps it
-        back.
-
-        An upstream name whose client name an earlier rule sends elsewhere is
-        unreachable through the proxy, so it has no client name either.
-        """
-        if registry not in self._backward:
-            return None
-        found = self._backward[registry].map(name)
-        if found is None or not is_valid_name(found[1]):
-            return None
-        client = found[1]
-        return client if self.lookup(client) == Route(registry, name) else None
-
-
-class _Direction:
-    """One direction of some rules: source templates compiled and indexed by the literal
-    text before their first placeholder, and the templates they map to."""
-
-    def __init__(self, sources: list[Template], targets: list[Template]) -> None:
-        self.patterns = [re.compile(t.pattern()) for t in sources]
-        self.targets = targets
-        self.by_prefix: dict[int, dict[str, list[int]]] = {}
-        for i, t in enumerate(sources):
-            prefix = t.parts[0] if isinstance(t.parts[0], str) else ""
-            self.by_prefix.setdefault(len(prefix), {}).setdefault(prefix, []).append(i)
-
-    def map(self, name: str) -> tuple[int, str] | None:
-        """(index of the first matching template, the name it maps to), or None."""
-        if not is_valid_name(name):
-            return None
-        candidates = sorted(
-            i
-            for length, table in self.by_prefix.items()
-            if length <= len(name)
-            for i in table.get(name[:length], ())
-        )
-        for i in candidates:
+    def matches(self, name: str) -> Iterator[tuple[int, dict[str, str]]]:
+        """(index, placeholder values) of every template that produces ``name``, in order."""
+        n = len(name)
+        candidates: list[int] = []
+        for length, table in self.prefixes:
+            if length <= n:
+                candidates += table.get(name[:length], ())
+        for length, table in self.suffixes:
+            if length <= n:
+                candidates += table.get(name[n - length :], ())
+        for i in sorted(candidates):
             m = self.patterns[i].fullmatch(name)
             if m is not None:
-                return i, self.targets[i].fill(m.groupdict())
-        return None
+                yield i, m.groupdict()
+
+    def first(self, name: str) -> tuple[int, dict[str, str]] | None:
+        return next(self.matches(name), None)

@@ -19,9 +19,6 @@ MAX_TOKEN_RESPONSE = 1 << 20  # tokens are a few KiB; anything bigger is not a t
 IDLE_SECONDS = 15.0  # reuse an idle connection this long (servers drop them later)
 MAX_IDLE = 4  # idle connections kept per token service
 
-# Request headers a token request carries on; Host, cookies and forwarding headers don't.
-FORWARDED_HEADERS = ("authorization", "content-type", "user-agent", "accept", "accept-language")
-
 
 @dataclass(frozen=True)
 class Reply:

@@ -109,8 +109,9 @@ def test_rewritten_flows_carry_comments(scenario):
     s = scenario
     manifest_put = s.by_comment(f"{s.repo} → {s.upstream_repo} · manifests PUT 1.0")
     assert len(manifest_put) == 1, [f["comment"] for f in s.flows]
-    # The flow list shows the upstream path the registry saw; the comment the client's.
-    assert manifest_put[0]["request"]["path"] == f"/v2/{s.upstream_repo}/manifests/1.0"
+    # Once a flow has gone upstream it shows the client's request (what a person edits
+    # and replays); the comment says what the registry saw.
+    assert manifest_put[0]["request"]["path"] == f"/v2/{s.repo}/manifests/1.0"
     assert s.by_comment(f"{s.repo} → {s.upstream_repo} · manifests GET 1.0")
     assert s.by_comment(f"{s.repo} → {s.upstream_repo} · tags/list GET")
     assert s.by_comment(f"{s.repo} → {s.upstream_repo} · blobs/uploads POST")
@@ -293,7 +294,8 @@ def test_mitmdump_flow_detail_4_logs_no_secret(
     r = client.raw("POST", f"{p.url}/auth", headers, urllib.parse.urlencode(form).encode())
     assert r.status == 200, r.body
     # A request with the token, straight to the registry API through the proxy.
-    line = f"GET {registry.url}/v2/acme_team/{unique}/s/manifests/1"
+    # mitmdump prints the request as the client sent it (the comment has the mapping).
+    line = f"GET {registry.url}/v2/team/{unique}/s/manifests/1"
     seen = p.log_text().count(line)
     r = client.raw(
         "GET",
@@ -314,3 +316,56 @@ def test_mitmdump_flow_detail_4_logs_no_secret(
     assert "grant_type: password" in log and "password: <withheld>" in log
     for secret in (ALICE[1], BASIC_ALICE, refresh, access, "eyJ"):
         assert secret not in log, [line for line in log.splitlines() if secret in line][:3]
+
+
+# --- replay (issue 12): these run last in the module, they add flows -------------------
+
+
+def _replay(s: Scenario, flow_id: str) -> dict:
+    s.web.api._request("POST", f"/flows/{flow_id}/replay")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        (flow,) = [f for f in s.web.api.flows() if f["id"] == flow_id]
+        if flow.get("is_replay") == "request" and ("response" in flow or "error" in flow):
+            if flow["comment"].startswith("replay"):
+                return flow
+        time.sleep(0.2)
+    raise AssertionError(f"replay of {flow_id} did not finish")
+
+
+def test_replay_in_process_maps_once_and_keeps_credentials_hidden(scenario, registry):
+    s = scenario
+    (pull,) = s.by_comment(f"{s.repo} → {s.upstream_repo} · manifests GET 1.0")[:1]
+    assert pull["request"]["path"] == f"/v2/{s.repo}/manifests/1.0"
+    registry.mark()
+    replayed = _replay(s, pull["id"])
+    # The credentials of the first pass were kept in memory, never in the flow.
+    assert replayed["response"]["status_code"] == 200, replayed["comment"]
+    assert replayed["comment"].startswith(
+        f"replay · {s.repo} → {s.upstream_repo} · manifests GET 1.0"
+    )
+    gets = [e.path for e in registry.access_log(since_mark=True) if e.method == "GET"]
+    assert f"/v2/{s.upstream_repo}/manifests/1.0" in gets
+    assert not any("acme_acme_" in p or "/v2/team/" in p for p in gets), gets
+    flows_json = json.dumps(s.web.api.flows())
+    dump = s.web.api.content_dump()
+    for secret in (ALICE[1], BASIC_ALICE):
+        assert secret not in flows_json and secret.encode() not in dump
+    assert b"Bearer ey" not in dump and "Bearer ey" not in flows_json
+
+
+def test_edit_and_replay_is_edited_in_client_names(scenario, registry):
+    s = scenario
+    (pull,) = s.by_comment(f"{s.repo} → {s.upstream_repo} · manifests GET 1.0")[:1]
+    # A person edits the manifest GET into a tags/list of the same client repository...
+    s.web.api._request(
+        "PUT", f"/flows/{pull['id']}", {"request": {"path": f"/v2/{s.repo}/tags/list"}}
+    )
+    registry.mark()
+    replayed = _replay(s, pull["id"])
+    assert replayed["response"]["status_code"] == 200, replayed["comment"]
+    assert f"{s.repo} → {s.upstream_repo} · tags/list GET" in replayed["comment"]
+    seen = [e.path for e in registry.access_log(since_mark=True) if e.method == "GET"]
+    assert f"/v2/{s.upstream_repo}/tags/list" in seen, seen
+    body = json.loads(s.web.api.content(pull["id"]))
+    assert body["name"] == s.repo  # the answer in client names, too

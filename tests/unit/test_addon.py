@@ -1,14 +1,18 @@
 """The addon's hooks on prepared flows (mitmproxy's taddons/tflow idiom); the upstream
 and its token realm are stood in for by monkeypatching ``realm.fetch``."""
 
+import asyncio
 import json
 import logging
+import os
+import threading
 
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.http import Response
 from mitmproxy.test import tflow, tutils
 
+import registry_rewrite
 from regrewrite import realm
 from regrewrite.auth import parse_challenges
 
@@ -104,11 +108,10 @@ def test_unmatched_deny_answers_without_upstream(tctx, addon):
     assert not f.request.stream  # mitmproxy refuses to stream a request we answer
 
 
-def test_unmatched_pass_forwards_unchanged(tctx, addon, rules_file):
+async def test_unmatched_pass_forwards_unchanged(tctx, addon, rules_file):
     rules_file.write_text(RULES.replace("deny", "pass"))
     tctx.configure(addon, registry_rules=str(rules_file) + "")
-    addon.rules_stamp = None
-    addon.reload_rules()
+    await addon.reload_rules()
     f = flow("/v2/other/x/manifests/latest")
     addon.requestheaders(f)
     assert f.response is None and f.request.path == "/v2/other/x/manifests/latest"
@@ -133,7 +136,7 @@ def test_head_refusal_has_no_body(tctx, addon):
 # --- catalog ------------------------------------------------------------------------
 
 
-def test_catalog_maps_last_and_filters_and_pages(tctx, addon):
+async def test_catalog_maps_last_and_filters_and_pages(tctx, addon):
     f = flow("/v2/_catalog?n=2&last=team%2Fapp")
     addon.requestheaders(f)
     assert f.request.path == "/v2/_catalog?n=2&last=acme_team%2Fapp"
@@ -148,7 +151,7 @@ def test_catalog_maps_last_and_filters_and_pages(tctx, addon):
     )
     addon.responseheaders(f)
     assert not f.response.stream
-    addon.response(f)
+    await addon.response(f)
     assert json.loads(f.response.content) == {"repositories": ["team/base"]}
     link = f.response.headers["Link"]
     assert "secret" not in link and "last=~" in link  # an opaque cursor hides the name
@@ -188,7 +191,7 @@ async def run_token(tctx, addon, f):
 async def test_token_get_maps_every_scope(tctx, addon, monkeypatch):
     fake = FakeRealm()
     monkeypatch.setattr(realm, "fetch", fake)
-    addon.realm = UPSTREAM_REALM
+    addon.learned["default"] = (UPSTREAM_REALM, None)
     f = flow(
         "/auth?service=svc&scope=repository%3Ateam%2Fapp%3Apull%2Cpush"
         "&scope=repository:nginx:pull%20repository:team/base:pull&scope=registry:catalog:*&account=alice",
@@ -215,7 +218,7 @@ async def test_token_get_maps_every_scope(tctx, addon, monkeypatch):
 async def test_token_post_form_scope_mapped_rest_untouched(tctx, addon, monkeypatch):
     fake = FakeRealm()
     monkeypatch.setattr(realm, "fetch", fake)
-    addon.realm = UPSTREAM_REALM
+    addon.learned["default"] = (UPSTREAM_REALM, None)
     form = (
         "grant_type=refresh_token&refresh_token=r%2B1&service=svc&client_id=containerd"
         "&scope=repository%3Ateam%2Fapp%3Apull%2Cpush+repository%3Aother%2Fx%3Apull"
@@ -247,11 +250,10 @@ async def test_token_realm_discovered_when_not_yet_learned(tctx, addon, monkeypa
 
 async def test_configured_realm_wins(tctx, addon, monkeypatch, rules_file):
     rules_file.write_text("upstream:\n  realm: https://pinned.test/auth\n" + RULES)
-    addon.rules_stamp = None
-    addon.reload_rules()
+    await addon.reload_rules()
     fake = FakeRealm()
     monkeypatch.setattr(realm, "fetch", fake)
-    addon.realm = UPSTREAM_REALM
+    addon.learned["default"] = (UPSTREAM_REALM, None)
     await run_token(tctx, addon, flow("/auth?scope=repository:team/app:pull"))
     assert fake.calls[0][1].startswith("https://pinned.test/auth?")
 
@@ -261,7 +263,7 @@ async def test_token_service_unreachable_is_a_registry_error(
     tctx, addon, monkeypatch, timeout, status
 ):
     monkeypatch.setattr(realm, "fetch", FakeRealm(realm.RealmUnreachable("refused", timeout)))
-    addon.realm = UPSTREAM_REALM
+    addon.learned["default"] = (UPSTREAM_REALM, None)
     f = flow("/auth?scope=repository:team/app:pull")
     await run_token(tctx, addon, f)
     assert error_of(f)[:2] == (status, "UNAVAILABLE")
@@ -327,7 +329,7 @@ def test_location_and_link_are_mapped(tctx, addon):
     assert f.response.headers["Location"] == "https://blobs.storage.test/x?sig=1"
 
 
-def test_tags_list_body_and_link(tctx, addon):
+async def test_tags_list_body_and_link(tctx, addon):
     f = flow("/v2/team/app/tags/list?n=1")
     addon.requestheaders(f)
     respond(
@@ -341,12 +343,12 @@ def test_tags_list_body_and_link(tctx, addon):
     )
     addon.responseheaders(f)
     assert not f.response.stream
-    addon.response(f)
+    await addon.response(f)
     assert json.loads(f.response.content) == {"name": "team/app", "tags": ["1.0"]}
     assert f.response.headers["Link"] == '</v2/team/app/tags/list?last=1.0&n=1>; rel="next"'
 
 
-def test_error_body_names_are_mapped(tctx, addon):
+async def test_error_body_names_are_mapped(tctx, addon):
     f = flow("/v2/team/app/manifests/nope")
     addon.requestheaders(f)
     body = {
@@ -356,7 +358,7 @@ def test_error_body_names_are_mapped(tctx, addon):
         f, 404, json.dumps(body).encode(), [("Content-Type", "application/json; charset=utf-8")]
     )
     addon.responseheaders(f)
-    addon.response(f)
+    await addon.response(f)
     assert json.loads(f.response.content)["errors"][0]["detail"] == {"name": "team/app"}
 
 
@@ -382,7 +384,7 @@ def test_bad_rules_file_at_startup_is_logged_as_error(tctx, addon, tmp_path, cap
     bad.write_text("rules:\n  - client: '{a}'\n    upstream: 'x'\n")
     with caplog.at_level(logging.ERROR):
         tctx.configure(addon, registry_rules=str(bad))
-    assert "bad.yaml:2: rule 1: client '{a}' and upstream 'x' use different placeholders" in (
+    assert "bad.yaml:2: rule 1 ({a} -> x): client and upstream use different placeholders" in (
         caplog.text
     )
 
@@ -392,7 +394,9 @@ def test_bad_rules_file_while_running_is_an_options_error(tctx, addon, tmp_path)
     addon.started = True
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - client: '{a}'\n    upstream: 'x'\n")
-    with pytest.raises(exceptions.OptionsError, match=r"bad.yaml:2: rule 1: .*placeholders"):
+    with pytest.raises(
+        exceptions.OptionsError, match=r"bad.yaml:2: rule 1 \(\{a\} -> x\): .*placeholders"
+    ):
         tctx.configure(addon, registry_rules=str(bad))
     assert addon.rules.upstream_name("team/app") == "acme_team/app"
 
@@ -402,14 +406,90 @@ def test_bad_public_url_is_an_options_error(tctx, addon):
         tctx.configure(addon, registry_public_url="registry.example.com")
 
 
-def test_reload_takes_effect_and_invalid_edit_keeps_old_rules(tctx, addon, rules_file, caplog):
+async def test_reload_takes_effect_and_invalid_edit_keeps_old_rules(
+    tctx, addon, rules_file, caplog
+):
     rules_file.write_text(RULES.replace("acme_team", "newco_team"))
-    addon.rules_stamp = None
-    addon.reload_rules()
+    await addon.reload_rules()
     assert addon.rules.upstream_name("team/app") == "newco_team/app"
     rules_file.write_text(RULES + "  - client: '{x}'\n")
-    addon.rules_stamp = None
     with caplog.at_level(logging.ERROR):
-        addon.reload_rules()
+        await addon.reload_rules()
     assert "rule 3: missing 'upstream'" in caplog.text and "previous rules stay" in caplog.text
     assert addon.rules.upstream_name("team/app") == "newco_team/app"
+
+
+async def _watch_until(addon, done, rounds=100):
+    """Run the rules watcher (at a fast pace) until ``done()`` or ``rounds`` looks."""
+    task = asyncio.get_running_loop().create_task(addon._watch_rules())
+    try:
+        for _ in range(rounds):
+            await asyncio.sleep(0.02)
+            if done():
+                return True
+        return False
+    finally:
+        task.cancel()
+
+
+async def test_watcher_sees_a_copy_that_keeps_size_and_mtime(tctx, addon, rules_file, monkeypatch):
+    monkeypatch.setattr(registry_rewrite, "RELOAD_INTERVAL", 0.01)
+    stat = os.stat(rules_file)
+    # Same length, same mtime (as `cp -p` or `rsync -a` leave it): only the content differs.
+    rules_file.write_text(RULES.replace("acme_team", "acme_tean"))
+    os.utime(rules_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(rules_file).st_size == stat.st_size
+    assert await _watch_until(
+        addon, lambda: addon.rules.upstream_name("team/app") == "acme_tean/app"
+    )
+
+
+async def test_watcher_survives_any_exception_and_keeps_the_rules(
+    tctx, addon, rules_file, monkeypatch, caplog
+):
+    monkeypatch.setattr(registry_rewrite, "RELOAD_INTERVAL", 0.01)
+    real = registry_rewrite._parse_rules_file
+    calls = []
+
+    def broken(path, data):
+        calls.append(path)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the checker")  # not a RulesError
+        return real(path, data)
+
+    monkeypatch.setattr(registry_rewrite, "_parse_rules_file", broken)
+    rules_file.write_text(RULES.replace("acme_team", "first_team"))
+    with caplog.at_level(logging.ERROR):
+        assert await _watch_until(addon, lambda: len(calls) >= 1)
+    assert addon.rules.upstream_name("team/app") == "acme_team/app"  # kept
+    assert "reloading the rules failed" in caplog.text and addon.reloads["error"] == 1
+    # The watcher is still alive: the next edit takes effect.
+    rules_file.write_text(RULES.replace("acme_team", "second_team"))
+    assert await _watch_until(
+        addon, lambda: addon.rules.upstream_name("team/app") == "second_team/app"
+    )
+
+
+async def test_reload_runs_off_the_event_loop(tctx, addon, rules_file, monkeypatch):
+    loop_thread = threading.get_ident()
+    threads = []
+    real = registry_rewrite._parse_rules_file
+
+    def recording(path, data):
+        threads.append(threading.get_ident())
+        return real(path, data)
+
+    monkeypatch.setattr(registry_rewrite, "_parse_rules_file", recording)
+    await addon.reload_rules()
+    assert threads and loop_thread not in threads
+
+
+def test_a_checker_bug_is_a_rules_error(monkeypatch, tmp_path):
+    # StopIteration cannot cross a Future (asyncio raises TypeError and the reload would
+    # hang): the parse step turns any exception into a RulesError inside the thread.
+    def bug(text, source):
+        raise StopIteration
+
+    monkeypatch.setattr("regrewrite.rules.parse_rules", bug)
+    with pytest.raises(registry_rewrite.RulesError, match="cannot check the rules"):
+        registry_rewrite._parse_rules_file(str(tmp_path / "r.yaml"), b"rules: []")

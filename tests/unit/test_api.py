@@ -83,11 +83,25 @@ def test_query_values_keep_other_bytes():
             "https://upstream.example:8443/v2/acme_team/app/blobs/sha256:1",
             "https://upstream.example:8443/v2/acme_team/app/blobs/sha256:1",
         ),
-        ("/v2/unmapped/x/blobs/sha256:1", "/v2/unmapped/x/blobs/sha256:1"),
     ],
 )
 def test_rewrite_url(location, expected):
     assert rewrite_url(location, UPSTREAM, PUBLIC, to_client) == expected
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "/v2/unmapped/x/blobs/sha256:1",  # at the upstream, with no client name
+        "https://upstream.example/v2/unmapped/x/blobs/uploads/u1",
+        "http://[::1/v2/acme_team/app/blobs/sha256:1",  # urlsplit rejects it
+        "https://upstream.example:99999/v2/acme_team/app/blobs/sha256:1",  # bad port
+    ],
+)
+def test_rewrite_url_refuses_what_it_cannot_map(location):
+    # Passed on as it is, each could hand the client an upstream name or address.
+    with pytest.raises(ValueError):
+        rewrite_url(location, UPSTREAM, PUBLIC, to_client)
 
 
 def test_rewrite_url_catalog_last():
@@ -130,8 +144,14 @@ def test_bodies():
     assert out["errors"][0]["detail"] == {"name": "team/app"}
     assert out["errors"][1]["detail"][0]["Name"] == "team/app"
     assert out["errors"][2]["detail"] == "sha256:1"
-    assert rewrite_errors(b"<html>", to_client) is None
-    assert rewrite_errors(b'{"other": 1}', to_client) is None
+    for bad in (b"<html>", b'{"other": 1}', b"[1]", b"\xff\xfe"):
+        with pytest.raises(ValueError):
+            rewrite_errors(bad, to_client)
+    # A name that maps back to nothing is left out, never passed as the upstream's.
+    hidden = {"errors": [{"code": "NAME_UNKNOWN", "message": "m", "detail": {"name": "x/y"}}]}
+    assert json.loads(rewrite_errors(json.dumps(hidden).encode(), to_client)) == {
+        "errors": [{"code": "NAME_UNKNOWN", "message": "m", "detail": {}}]
+    }
 
 
 def test_registry_error_shape():

@@ -167,3 +167,19 @@ def test_mapped_scopes_only_name_allowed_repositories(names):
     result = map_scopes(value, to_upstream)
     for text in result.value.split():
         assert parse_scope(text).name in ("acme_team/app", "acme_team/base")
+
+
+@pytest.mark.parametrize(
+    "actions, allowed, expected",
+    [
+        ("*", frozenset({"pull", "push", "delete"}), "*"),  # skopeo delete asks for "*"
+        ("*", frozenset({"pull"}), ""),
+        ("pull,push", frozenset({"pull"}), "pull"),
+        ("pull,delete,metadata_read", frozenset({"pull", "push"}), "pull,metadata_read"),
+        ("pull,push", None, "pull,push"),
+    ],
+)
+def test_narrow_actions(actions, allowed, expected):
+    from regrewrite.auth import narrow_actions
+
+    assert narrow_actions(actions, allowed) == expected

@@ -191,3 +191,9 @@ def test_startup_log_says_how_the_public_url_is_derived(trusted, caplog):
         "registry: public URL from X-Forwarded-Proto/-Host/-Port or Forwarded sent by "
         "10.0.0.0/8 (registry_trusted_proxies), else from the client connection"
     ]
+
+
+def test_changed_ranges_forget_earlier_verdicts(trusted, addon):
+    assert "reg.example.com" in through(trusted, addon, "10.0.0.5").response.headers["Location"]
+    ctx.options.update(registry_trusted_proxies="192.168.0.0/16")
+    assert "127.0.0.1:5000" in through(trusted, addon, "10.0.0.5").response.headers["Location"]

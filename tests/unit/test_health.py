@@ -64,7 +64,9 @@ def health_ctx(addon, rules_file):
 
 async def ask(h, addon, path, method="GET"):
     f = flow(path, method=method)
-    await h.requestheaders(f)
+    pending = h.requestheaders(f)
+    if pending is not None:
+        await pending
     addon.requestheaders(f)  # the core comes next and must leave it alone
     return f
 
@@ -139,3 +141,20 @@ def test_reverse_target():
     assert reverse_target(["reverse:https://reg.test:5000"]) == "https://reg.test:5000"
     assert reverse_target(["reverse:http://reg.test"]) == "http://reg.test"
     assert reverse_target(["regular"]) is None
+
+
+def test_other_requests_pay_no_coroutine(health_ctx):
+    h, _ = health_ctx
+    assert h.requestheaders(flow("/v2/team/app/manifests/1")) is None
+    assert h.requestheaders(flow("/livez")) is None  # answered at once
+
+
+async def test_readyz_fails_closed(health_ctx, addon, monkeypatch):
+    h, _ = health_ctx
+
+    async def broken():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(h, "readiness", broken)
+    f = await ask(h, addon, "/readyz")
+    assert f.response.status_code == 503

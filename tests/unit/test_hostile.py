@@ -206,7 +206,7 @@ def test_fuzz_token_requests_only_ask_for_allowed_repositories(hooks, scopes, po
     original = realm.fetch
     realm.fetch = fake_fetch
     try:
-        hooks.realm = "https://auth.upstream.test/token"
+        hooks.learned["default"] = ("https://auth.upstream.test/token", None)
         from urllib.parse import quote
 
         form = "&".join(f"scope={quote(s, safe='')}" for s in scopes)

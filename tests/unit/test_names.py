@@ -1,23 +1,18 @@
-import time
+import re
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from regrewrite.names import (
-    RuleSet,
+    TemplateIndex,
     common_name,
     is_valid_name,
+    overlap,
+    overlapping_pairs,
     parse_rule,
     parse_template,
 )
-
-component = st.from_regex(r"[a-z0-9]{1,6}([._-][a-z0-9]{1,6}){0,2}", fullmatch=True)
-names = st.lists(component, min_size=1, max_size=4).map("/".join)
-
-
-def ruleset(*pairs):
-    return RuleSet(tuple(parse_rule(c, u, f"rule {i}") for i, (c, u) in enumerate(pairs, 1)))
 
 
 @pytest.mark.parametrize(
@@ -68,102 +63,127 @@ def test_parse_template_refuses(text, message):
 
 
 def test_parse_rule_placeholders_must_match():
-    with pytest.raises(ValueError, match="only in client: ns"):
+    with pytest.raises(ValueError, match=r"different placeholders \(only in client: ns\)"):
         parse_rule("{ns}/{r:path}", "acme/{r:path}", "rule 1")
     with pytest.raises(ValueError, match="':path' on one side only"):
         parse_rule("{r:path}", "library/{r}", "rule 1")
 
 
-def test_first_match_wins_both_ways():
-    rules = ruleset(
-        ("team/{r:path}", "acme_team/{r:path}"),
-        ("{name}", "library/{name}"),
-        ("{ns}/{r:path}", "prefix_{ns}/{r:path}"),
-    )
-    assert rules.to_upstream("team/app") == "acme_team/app"
-    assert rules.to_upstream("team/tools/cli") == "acme_team/tools/cli"
-    assert rules.to_upstream("nginx") == "library/nginx"
-    assert rules.to_upstream("other/x") == "prefix_other/x"
-    assert rules.to_client("acme_team/tools/cli") == "team/tools/cli"
-    assert rules.to_client("library/nginx") == "nginx"
-    assert rules.to_client("prefix_other/x") == "other/x"
-    assert rules.to_client("elsewhere/x") is None
-    assert rules.to_upstream("Upper/x") is None
-
-
-def test_shadowed_upstream_name_has_no_client_name():
-    # prefix_team/app would map back to team/app, but team/app goes to acme_team/app.
-    rules = ruleset(
-        ("team/{r:path}", "acme_team/{r:path}"), ("{ns}/{r:path}", "prefix_{ns}/{r:path}")
-    )
-    assert rules.to_client("prefix_team/app") is None
-    assert rules.to_client("acme_team/app") == "team/app"
-
-
-def test_mapping_to_an_invalid_name():
-    rules = ruleset(("x/{r:path}", "x-{r:path}"))
-    assert rules.lookup("x/_a") is None  # invalid client name never matches
-    rules = ruleset(("{a}/{b}", "{a}/{b}_"))
-    assert rules.lookup("a/b") == (0, "a/b_")  # not a valid name: "_" must be followed
-    assert rules.to_upstream("a/b") is None
-
-
-@pytest.mark.parametrize(
-    "a, b, overlap",
-    [
-        ("acme_team/{r:path}", "library/{name}", None),
-        ("library/{n}", "{ns}/{r:path}", "library/a"),
-        ("{a}_x", "y_{b}", "y_x"),
-        ("a/{n:path}", "{x}/b/{y}", "a/b/a"),
-        ("a/{n}", "{x}/b/{y}", None),
-        ("acme_{ns}/{r:path}", "acme_team/{r:path}", "acme_team/a"),
-        ("fixed/name", "fixed/name", "fixed/name"),
-        ("fixed/name", "fixed/other", None),
-    ],
-)
-def test_common_name(a, b, overlap):
-    found = common_name(parse_template(a), parse_template(b))
-    if overlap is None:
-        assert found is None
-    else:
-        assert found is not None
-        assert len(found) == len(overlap)
-        for t in (a, b):
-            assert parse_template_matches(t, found)
-
-
-def parse_template_matches(text, name):
-    import re
-
+def matches(text, name):
     return re.fullmatch(parse_template(text).pattern(), name) is not None
 
 
-@given(names)
-def test_round_trip_prefix_rule(name):
-    rules = ruleset(("{ns}/{r:path}", "acme_{ns}/{r:path}"), ("{name}", "library/{name}"))
-    upstream = rules.to_upstream(name)
-    if upstream is not None:
-        assert is_valid_name(upstream)
-        assert rules.to_client(upstream) == name
+@pytest.mark.parametrize(
+    "a, b, overlaps",
+    [
+        ("acme_team/{r:path}", "library/{name}", False),
+        ("library/{n}", "{ns}/{r:path}", True),
+        ("{a}_x", "y_{b}", True),
+        ("a/{n:path}", "{x}/b/{y}", True),
+        ("a/{n}", "{x}/b/{y}", False),
+        ("acme_{ns}/{r:path}", "acme_team/{r:path}", True),
+        ("fixed/name", "fixed/name", True),
+        ("fixed/name", "fixed/other", False),
+        ("{x}.u1", "{x}.u11", False),
+        ("{x}.u1", "{x}1.u1", True),
+        ("x{p:path}/a/b", "{q:path}/b", True),
+        ("a/{p:path}/b", "a/b", False),
+        ("{p:path}/c/d", "a/b/{q:path}", True),
+        ("ab{x}", "a", False),  # a placeholder takes at least one character
+        ("ab{x}", "abc", True),
+        ("a{x}b", "ab", False),
+        ("a{x}b", "a_b", True),
+        ("a{x}/b", "{y}b/b", True),
+    ],
+)
+def test_overlap_fast_and_slow_agree(a, b, overlaps):
+    ta, tb = parse_template(a), parse_template(b)
+    for found in (overlap(ta, tb), overlap(tb, ta), common_name(ta, tb)):
+        assert (found is not None) is overlaps, (a, b, found)
+        if found is not None:
+            assert matches(a, found) and matches(b, found)
 
 
-@given(names)
-def test_round_trip_nested_rules(name):
-    rules = ruleset(
-        ("team/{r:path}", "acme_team/{r:path}"),
-        ("{a}/{b}", "flat_{a}/x-{b}"),
-        ("{name}", "library/{name}"),
-    )
-    upstream = rules.to_upstream(name)
-    if upstream is not None:
-        assert rules.to_client(upstream) == name
+def test_common_name_with_every_letter_and_digit_in_the_literals():
+    # It used to look for a character no literal uses with next(): StopIteration.
+    a = parse_template("abcdefghijklmnopqr/{x}")
+    b = parse_template("stuvwxyz0123456789/{y}")
+    assert common_name(a, b) is None and overlap(a, b) is None
+    c = parse_template("abcdefghijklmnopqrstuvwxyz0123456789/{y}")
+    found = common_name(c, parse_template("{x}/{y}"))
+    assert found is not None and matches("{x}/{y}", found)
 
 
-def test_thousand_rules_stay_cheap():
-    rules = ruleset(*[(f"ns{i}/{{r:path}}", f"up{i}_ns/{{r:path}}") for i in range(1000)])
-    start = time.perf_counter()
-    for i in range(1000):
-        assert rules.lookup.__wrapped__(f"ns{i}/app") == (0, f"up{i}_ns/app")
-    per_lookup = (time.perf_counter() - start) / 1000
-    print(f"uncached lookup with 1000 rules: {per_lookup * 1e6:.1f} us")
-    assert rules.to_client("up999_ns/a/b") == "ns999/a/b"
+# Templates over a tiny alphabet, so that random pairs often overlap.
+_literal = st.text("ab_", min_size=1, max_size=3)
+_affix = st.text("ab_", max_size=2)
+
+
+@st.composite
+def templates(draw):
+    n = draw(st.integers(1, 4))
+    path_at = draw(st.one_of(st.none(), st.integers(0, n - 1)))
+    components = []
+    for i in range(n):
+        kind = "path" if i == path_at else draw(st.sampled_from(["lit", "one"]))
+        if kind == "lit":
+            components.append(draw(_literal))
+        elif kind == "one":
+            components.append(draw(_affix) + f"{{v{i}}}" + draw(_affix))
+        else:
+            components.append(draw(_affix) + "{p:path}")
+    try:
+        return parse_template("/".join(components))
+    except ValueError:
+        assume(False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(templates(), templates())
+def test_fast_overlap_is_exact(a, b):
+    """The component-wise check finds a common name exactly when the product-automaton
+    search does (no false overlap, none missed), and its example is a common name."""
+    slow = common_name(a, b)
+    fast = overlap(a, b)
+    assert (fast is None) == (slow is None), (a.text, b.text, slow, fast)
+    if fast is not None:
+        assert re.fullmatch(a.pattern(), fast) and re.fullmatch(b.pattern(), fast)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(templates(), min_size=2, max_size=12))
+def test_overlapping_pairs_finds_every_pair(ts):
+    """The indexed search finds exactly the pairs a comparison of every pair finds."""
+    expected = {
+        (i, j) for j in range(len(ts)) for i in range(j) if overlap(ts[i], ts[j]) is not None
+    }
+    found = list(overlapping_pairs(ts))
+    assert {(i, j) for i, j, _ in found} == expected
+    assert [(j, i) for i, j, _ in found] == sorted((j, i) for i, j, _ in found)
+    for i, j, example in found:
+        assert re.fullmatch(ts[i].pattern(), example) and re.fullmatch(ts[j].pattern(), example)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(templates(), min_size=1, max_size=12), st.data())
+def test_template_index_matches_like_trying_every_template(ts, data):
+    index = TemplateIndex(ts)
+    # Names some template produces, and names none does.
+    for _ in range(5):
+        t = data.draw(st.sampled_from(ts))
+        name = data.draw(st.from_regex(t.pattern(), fullmatch=True).filter(lambda s: "\n" not in s))
+        for candidate in (name, name + "_", "b" + name):
+            expected = [
+                (i, m.groupdict())
+                for i, t in enumerate(ts)
+                if (m := re.fullmatch(t.pattern(), candidate))
+            ]
+            assert list(index.matches(candidate)) == expected
+
+
+def test_placeholder_first_templates_are_indexed_by_suffix():
+    ts = [parse_template(f"{{x}}.u{i}") for i in range(1000)]
+    index = TemplateIndex(ts)
+    assert index.first("app.u500") == (500, {"x": "app"})
+    assert index.first("app.u5000") is None
+    assert not index.prefixes  # nothing tried by every lookup

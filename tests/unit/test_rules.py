@@ -36,7 +36,11 @@ def test_pass_keeps_unmapped_names():
 @pytest.mark.parametrize(
     "text, line, message",
     [
-        ("rules:\n  - client: 'team/{r'\n    upstream: 'x'\n", 2, "rule 1: template 'team/{r'"),
+        (
+            "rules:\n  - client: 'team/{r'\n    upstream: 'x'\n",
+            2,
+            "rule 1 (team/{r -> x): template 'team/{r'",
+        ),
         (
             "rules:\n  - client: a\n    upstream: b\n  - client: '{ns}/x'\n    upstream: 'y/x'\n",
             4,

@@ -128,6 +128,9 @@ class Metrics:
             registry=r,
         )
         r.register(_RulesCollector(self))
+        # Label children by (metric, values): labels() takes a lock and validates each
+        # time; the values are bounded, so this stays small.
+        self.children: dict[tuple, object] = {}
         self.address: tuple[str, int] | None = None
         self.server = None
         self.thread: threading.Thread | None = None
@@ -184,6 +187,13 @@ class Metrics:
             self.thread.join(timeout=5)
             self.server = self.thread = None
 
+    def child(self, metric, *values: str):
+        key = (metric, values)
+        found = self.children.get(key)
+        if found is None:
+            found = self.children[key] = metric.labels(*values)
+        return found
+
     # --- hooks (cheap when off) -------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -196,7 +206,8 @@ class Metrics:
         count_body(flow, "response")
         if flow.metadata.get("registry_decision") == "mapped" and flow.response is not None:
             seconds = flow.response.timestamp_start - flow.request.timestamp_start
-            self.upstream_seconds.labels(upstream_label(flow), endpoint_label(flow)).observe(
+            endpoint = endpoint_label(flow)
+            self.child(self.upstream_seconds, upstream_label(flow), endpoint).observe(
                 max(seconds, 0.0)
             )
 
@@ -213,11 +224,12 @@ class Metrics:
         if flow.metadata.get("registry_metrics_done"):
             return  # a flow that errored after its response was counted
         flow.metadata["registry_metrics_done"] = True
-        self.requests.labels(upstream, endpoint, method_label(flow.request.method), code).inc()
+        method = method_label(flow.request.method)
+        self.child(self.requests, upstream, endpoint, method, code).inc()
         if flow.metadata.get("registry_decision") == "denied":
             reason = flow.metadata.get("registry_error_code")
-            self.denied.labels(reason if reason in ERROR_CODES else "other").inc()
+            self.child(self.denied, reason if reason in ERROR_CODES else "other").inc()
         if endpoint == "token":
-            self.tokens.labels(upstream, code).inc()
-        self.bytes.labels(upstream, "request").inc(body_bytes(flow, "request"))
-        self.bytes.labels(upstream, "response").inc(body_bytes(flow, "response"))
+            self.child(self.tokens, upstream, code).inc()
+        self.child(self.bytes, upstream, "request").inc(body_bytes(flow, "request"))
+        self.child(self.bytes, upstream, "response").inc(body_bytes(flow, "response"))

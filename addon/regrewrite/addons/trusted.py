@@ -9,6 +9,7 @@ before it goes upstream, trusted or not.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from mitmproxy import ctx, exceptions, http
@@ -42,6 +43,7 @@ class TrustedProxies:
                 )
             except ValueError as e:
                 raise exceptions.OptionsError(f"registry_trusted_proxies: {e}") from None
+            self.__dict__.pop("trusted", None)  # the ranges changed: forget the verdicts
         if self.announced is not None and updated & {
             "registry_trusted_proxies",
             "registry_public_url",
@@ -62,22 +64,38 @@ class TrustedProxies:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not self.networks or flow.response or flow.error or not flow.live:
             return
-        # One pass over the raw fields finds none in most requests.
-        for raw, _ in flow.request.headers.fields:
-            lowered = raw.lower()
-            if lowered == b"forwarded" or lowered.startswith(b"x-forwarded-"):
-                break
-        else:
+        # One pass over the raw fields; most requests carry none of these.
+        found = tuple(
+            (k.lower(), v) for k, v in flow.request.headers.fields if k.lower() in _FORWARDING
+        )
+        if not found:
             return
         peer = flow.client_conn.peername
-        if not peer or not forwarded.is_trusted(peer[0], self.networks):
+        if not peer or not self.trusted(peer[0]):
             return
-        origin = forwarded.forwarded_origin(
-            ((k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields),
-            client_origin(flow),
-        )
+        origin = self.origin(found, client_origin(flow))
         if origin is not None:
             flow.metadata["registry_public"] = origin
+
+    @functools.cached_property
+    def trusted(self):
+        """``is_trusted`` for the current ranges, remembered per peer address (a balancer
+        has a few; parsing an address and testing the ranges costs several us)."""
+        return functools.lru_cache(maxsize=1024)(
+            functools.partial(forwarded.is_trusted, networks=self.networks)
+        )
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def origin(found: tuple[tuple[bytes, bytes], ...], fallback: Origin) -> Origin | None:
+        # A balancer sends the same few values again and again.
+        pairs = ((k.decode("latin-1"), v.decode("latin-1")) for k, v in found)
+        return forwarded.forwarded_origin(pairs, fallback)
+
+
+_FORWARDING = frozenset(
+    (b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port")
+)
 
 
 def client_origin(flow: http.HTTPFlow) -> Origin:

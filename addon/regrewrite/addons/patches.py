@@ -1,0 +1,126 @@
+"""Two changes to mitmproxy's HTTP layer that no option or hook offers, applied while
+the addon is loaded (``enable``) and undone when it is unloaded (``disable``).
+
+1. Registry-style errors: mitmproxy's own answers (upstream refused, reset or timed
+   out; a body over a cap) are HTML pages, which registry clients cannot show. Its page
+   builders are swapped for ones that answer a registry JSON error; the details stay in
+   mitmproxy's log, not in the answer (they name the upstream's address).
+2. Body caps per flow: mitmproxy reads the whole request body of a flow that already has
+   a response before it answers, and buffers every response body it does not stream,
+   without limit (``body_size_limit`` is global and would also stop blob uploads, which
+   are streamed). A flow whose metadata holds ``REQUEST_CAP`` or ``RESPONSE_CAP`` is
+   failed as soon as its buffered body would pass that many bytes, the way mitmproxy
+   fails a body over ``body_size_limit``: the client gets 413 (request) or 502
+   (response) with the registry error in ``CAP_ERROR``, and the connection is closed
+   (HTTP/1) or the stream ended (HTTP/2). At most the cap is ever held.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import flow as mflow
+from mitmproxy import http
+from mitmproxy.net.http.http1 import assemble_response
+from mitmproxy.proxy.layers import http as layers_http
+from mitmproxy.proxy.layers.http import _http1, _http2, _http3
+
+from regrewrite import api
+
+REQUEST_CAP = "registry_request_cap"
+RESPONSE_CAP = "registry_response_cap"
+CAP_ERROR = "registry_cap_error"  # the registry JSON error to answer past a cap (str)
+
+_ORIGINALS: dict = {}
+
+
+def _error_body(status_code: int, message: str) -> bytes:
+    if message.startswith('{"errors"'):
+        return message.encode()  # a registry error the addon made (a body cap's)
+    if status_code in (502, 503, 504):
+        return api.registry_error("UNAVAILABLE")
+    return api.registry_error("UNKNOWN", message=message or None)
+
+
+def _make_error_response(status_code: int, message: str = "") -> bytes:
+    resp = http.Response.make(
+        status_code, _error_body(status_code, message), {**api.JSON_HEADERS, "Connection": "close"}
+    )
+    return assemble_response(resp)
+
+
+def _capped(original, request: bool):
+    data_event = layers_http.RequestData if request else layers_http.ResponseData
+    key = REQUEST_CAP if request else RESPONSE_CAP
+
+    def state(self, event):
+        cap = self.flow.metadata.get(key) if self.flow is not None else None
+        if cap is not None and isinstance(event, data_event):
+            buf = self.request_body_buf if request else self.response_body_buf
+            if len(buf) + len(event.data) > cap:
+                buf.clear()
+                yield from _fail_over_cap(self, request, cap)
+                return
+        yield from original(self, event)
+
+    state.__wrapped__ = original
+    return state
+
+
+def _fail_over_cap(stream, request: bool, cap: int):
+    """What mitmproxy does for a body over ``body_size_limit``, with our error."""
+    flow = stream.flow
+    what = "request" if request else "response"
+    message = (
+        flow.metadata.get(CAP_ERROR)
+        or api.registry_error(
+            "SIZE_INVALID", {"limit": cap}, f"{what} body larger than {cap} bytes"
+        ).decode()
+    )
+    flow.error = mflow.Error(f"{what} body larger than the proxy's {cap}-byte cap")
+    yield layers_http.HttpErrorHook(flow)
+    code = (
+        layers_http.ErrorCode.REQUEST_TOO_LARGE
+        if request
+        else (layers_http.ErrorCode.RESPONSE_TOO_LARGE)
+    )
+    yield layers_http.SendHttp(
+        layers_http.ResponseProtocolError(stream.stream_id, message, code),
+        stream.context.client,
+    )
+    stream.client_state = stream.state_errored
+    if not request:
+        yield layers_http.SendHttp(
+            layers_http.RequestProtocolError(stream.stream_id, message, code),
+            stream.context.server,
+        )
+        stream.server_state = stream.state_errored
+    flow.live = False
+
+
+def enable() -> None:
+    if _ORIGINALS:
+        return
+    stream_cls = layers_http.HttpStream
+    for owner, name, replacement in (
+        (_http1, "make_error_response", _make_error_response),
+        (_http2, "format_error", _error_body),
+        (_http3, "format_error", _error_body),
+        (
+            stream_cls,
+            "state_consume_request_body",
+            _capped(stream_cls.state_consume_request_body, True),
+        ),
+        (
+            stream_cls,
+            "state_consume_response_body",
+            _capped(stream_cls.state_consume_response_body, False),
+        ),
+    ):
+        if hasattr(owner, name):
+            _ORIGINALS[(owner, name)] = getattr(owner, name)
+            setattr(owner, name, replacement)
+
+
+def disable() -> None:
+    for (owner, name), original in _ORIGINALS.items():
+        setattr(owner, name, original)
+    _ORIGINALS.clear()

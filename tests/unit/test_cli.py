@@ -1,0 +1,53 @@
+"""The registry-rewrite command (regrewrite.cli): --version, and mitmdump with the addon."""
+
+from pathlib import Path
+
+import mitmproxy.tools.main
+import pytest
+from mitmproxy.version import VERSION
+
+from regrewrite import cli
+
+
+def test_version(capsys):
+    cli.main(["--version"])
+    out = capsys.readouterr().out.strip()
+    assert out == f"registry-rewrite {cli.version()} (mitmproxy {VERSION})"
+    assert cli.version() != "unknown"  # .ci/setup installs the project (editable)
+
+
+def test_arguments_pass_through_with_the_addon_first(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(mitmproxy.tools.main, "mitmdump", seen.append)
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules: []\n")
+    args = ["--mode", "reverse:https://up.test", "--set", f"registry_rules={rules}", "-q"]
+    cli.main(args)
+    (argv,) = seen
+    assert argv[0] == "-s" and argv[2:] == args
+    script = Path(argv[1])
+    assert script.name == "registry_rewrite.py" and script.is_file()
+    assert "addons = [" in script.read_text()
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--set", "x=1", "--version"]])
+def test_version_never_starts_a_proxy(monkeypatch, capsys, argv):
+    monkeypatch.setattr(mitmproxy.tools.main, "mitmdump", lambda a: pytest.fail("started"))
+    cli.main(argv)
+    assert "registry-rewrite" in capsys.readouterr().out
+
+
+def test_a_bad_rules_file_stops_before_mitmdump_starts(tmp_path, capsys, monkeypatch):
+    import regrewrite.cli as cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - client: 'a/{x}'\n    upstream: 7\n")
+    started = []
+    monkeypatch.setattr("mitmproxy.tools.main.mitmdump", lambda args: started.append(args))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--mode", "reverse:https://127.0.0.1:9", "--set", f"registry_rules={bad}"])
+    assert exit_.value.code == 1 and not started
+    err = capsys.readouterr().err
+    assert err.startswith("registry-rewrite: ") and "bad.yaml:3" in err
+    assert cli.rules_path(["--set", "registry_rules=x.yaml"]) == "x.yaml"
+    assert cli.rules_path([]) == "rules.yaml"
