@@ -221,3 +221,22 @@ def test_ingress_reaches_the_service_and_the_token_endpoint():
     assert ingress["tls"], "the ingress terminates TLS"
     # The replicas trust forwarded headers from some range, or the realm would be wrong.
     assert _option(_container()["args"], "registry_trusted_proxies")
+
+
+def test_every_option_the_deployment_and_image_set_exists():
+    """A misspelt `--set` would stop the pods at start-up: each name must be an option of
+    mitmdump or of one of the addons `registry_rewrite.addons` composes."""
+    from mitmproxy.options import Options
+    from mitmproxy.test import taddons
+
+    import registry_rewrite
+
+    names = set()
+    for args in (_containerfile_entrypoint(), _container()["args"]):
+        pairs = zip(args, args[1:], strict=False)
+        names |= {arg.split("=", 1)[0] for flag, arg in pairs if flag == "--set"}
+    assert {"registry_rules", "registry_trusted_proxies", "confdir"} <= names
+    fresh = [type(a)() for a in registry_rewrite.addons]
+    with taddons.context(*fresh, options=Options()) as tctx:
+        known = set(tctx.options.keys())
+    assert names <= known, sorted(names - known)
