@@ -28,6 +28,7 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from regrewrite import api, auth, decide, realm
 from regrewrite.addons import patches
 from regrewrite.addons.accesslog import AccessLog
+from regrewrite.addons.decisionlog import DecisionLog
 from regrewrite.addons.health import Health
 from regrewrite.addons.metrics import Metrics
 from regrewrite.addons.trusted import TrustedProxies
@@ -697,9 +698,9 @@ class RegistryRewrite:
         try:
             rules = self.flow_rules.get(flow, self.rules)
             path = api.split_target(flow.request.path)[0]
-            content = resp.raw_content or b""
-            if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
-                content = resp.get_content(strict=True) or b""
+            content = decide.decode_body(
+                resp.raw_content or b"", resp.headers.get("Content-Encoding", "")
+            )
             args = (kind, content, path, _client_names(rules, flow))
             if len(content) > INLINE_REWRITE and self.work_pool is not None:
                 loop = asyncio.get_running_loop()
@@ -984,5 +985,5 @@ def _client_origin(flow: http.HTTPFlow) -> Origin:
 
 # Health answers /livez and /readyz and TrustedProxies reads forwarding headers before
 # the core drops them; both must come first.
-# Metrics and AccessLog read what the core decided, so they come after it.
-addons = [Health(), TrustedProxies(), RegistryRewrite(), Metrics(), AccessLog()]
+# Metrics, AccessLog and DecisionLog read what the core decided, so they come after it.
+addons = [Health(), TrustedProxies(), RegistryRewrite(), Metrics(), AccessLog(), DecisionLog()]

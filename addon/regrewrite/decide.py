@@ -9,6 +9,7 @@ can only happen before anything was applied, and the addon turns it into a refus
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -401,6 +402,28 @@ def plan_response(
         keep=keep_manifest and rewrite_kind is None,
         learned=tuple(learned),
     )
+
+
+def decode_body(body: bytes, encoding: str, limit: int = RESPONSE_BODY_CAP) -> bytes:
+    """A body's bytes without its Content-Encoding, never more than ``limit`` of them
+    (a small gzip body can expand without bound). Raises ValueError past the limit or
+    for an encoding it does not decode."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise ValueError(f"cannot rewrite a body with Content-Encoding {encoding!r}")
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ValueError(f"bad {encoding} body: {e}") from e
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ValueError(f"{encoding} body expands past the {limit}-byte cap")
+    return out
 
 
 def rewrite_body(kind: str, body: bytes, path: str, client_name: api.MapName) -> bytes:
