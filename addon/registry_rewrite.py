@@ -840,6 +840,8 @@ def _refuse(flow: http.HTTPFlow, refusal: decide.Refusal) -> None:
     meta["registry_refused"] = meta["registry_answered"] = True
     meta["registry_decision"] = "denied" if refusal.status < 500 else "error"
     meta["registry_error_code"] = refusal.code
+    if refusal.client_name is not None:
+        meta["registry_client_name"] = refusal.client_name
     meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
     meta[patches.CAP_ERROR] = api.registry_error(
         refusal.code,

@@ -10,7 +10,7 @@ can only happen before anything was applied, and the addon turns it into a refus
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -39,6 +39,7 @@ class Refusal:
     code: str
     reason: str  # for the flow's comment and the log (never a secret)
     detail: Any = None
+    client_name: str | None = None  # the repository the client asked for, if any
 
     @property
     def body(self) -> bytes:
@@ -117,11 +118,11 @@ def decide_request(
     mirror = rules.mirror(ns) if ns else None
     route = resolve(rules, repo.name, mirror)
     if isinstance(route, Refusal):
-        return endpoint, route
+        return endpoint, replace(route, client_name=repo.name)
     code = repo.reference_error()
     if code is not None:
         detail = {"reference": repo.reference}
-        return endpoint, Refusal(400, code, f"malformed {repo.kind} path", detail)
+        return endpoint, Refusal(400, code, f"malformed {repo.kind} path", detail, repo.name)
     action = "pull" if method in _READ_METHODS else "delete" if method == "DELETE" else "push"
     if action not in route.actions:
         return endpoint, Refusal(
@@ -129,6 +130,7 @@ def decide_request(
             "DENIED",
             f"{repo.name} is read-only here ({action} not allowed)",
             {"name": repo.name, "action": action},
+            repo.name,
         )
     note = ""
     if repo.kind == "blobs/uploads" and api.query_value(query, "from") is not None:
