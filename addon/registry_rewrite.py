@@ -141,6 +141,7 @@ class RegistryRewrite:
                 f"registry: {len(self.rules.names.rules)} rules from {path}, "
                 f"unmatched names: {self.rules.unmatched}"
             )
+            _log_aliases(self.rules)
         if "registry_public_url" in updated:
             self.public = parse_public_url(ctx.options.registry_public_url)
         if "registry_token_timeout" in updated and ctx.options.registry_token_timeout <= 0:
@@ -275,6 +276,7 @@ class RegistryRewrite:
         self.cursors.clear()
         self.reloads["ok"] += 1
         logger.info(f"registry: reloaded {len(rules.names.rules)} rules from {path}")
+        _log_aliases(rules)
 
     # --- requests -----------------------------------------------------------------
 
@@ -699,9 +701,9 @@ class RegistryRewrite:
         try:
             rules = self.flow_rules.get(flow, self.rules)
             path = api.split_target(flow.request.path)[0]
-            content = resp.raw_content or b""
-            if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
-                content = resp.get_content(strict=True) or b""
+            content = decide.decode_body(
+                resp.raw_content or b"", resp.headers.get("Content-Encoding", "")
+            )
             args = (kind, content, path, _client_names(rules, flow))
             if len(content) > INLINE_REWRITE and self.work_pool is not None:
                 loop = asyncio.get_running_loop()
@@ -757,6 +759,18 @@ class RegistryRewrite:
         flow.metadata[patches.CAP_ERROR] = api.registry_error(
             "UNAVAILABLE", message=f"the proxy could not rewrite the upstream's answer: {reason}"
         ).decode()
+
+
+def _log_aliases(rules: Rules, most: int = 20) -> None:
+    """Say which rules overlap: not an error (the first rule wins both ways), but a
+    client name that works as an alias may surprise whoever wrote the rules."""
+    for alias in rules.aliases[:most]:
+        logger.info(
+            f"registry: {alias.later} is an alias of {alias.earlier} for names such as "
+            f"{alias.example} (they map back through the earlier rule)"
+        )
+    if len(rules.aliases) > most:
+        logger.info(f"registry: ... and {len(rules.aliases) - most} more overlapping pairs")
 
 
 def parse_public_url(url: str | None) -> Origin | None:
@@ -841,6 +855,8 @@ def _refuse(flow: http.HTTPFlow, refusal: decide.Refusal) -> None:
     meta["registry_refused"] = meta["registry_answered"] = True
     meta["registry_decision"] = "denied" if refusal.status < 500 else "error"
     meta["registry_error_code"] = refusal.code
+    if refusal.client_name is not None:
+        meta["registry_client_name"] = refusal.client_name
     meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
     meta[patches.CAP_ERROR] = api.registry_error(
         refusal.code,

@@ -598,6 +598,9 @@ def describe_rules(
         lines.append(f"  {i}. {rule.client.text} → {rule.upstream.text}{via}{only}")
     if not n:
         lines.append("  (none)")
+    for alias in getattr(rules, "aliases", ()):
+        # Names both produce map back through the earlier rule; the later one's are aliases.
+        lines.append(f"  {alias.later} is an alias of {alias.earlier} for e.g. {alias.example}")
     return "\n".join(lines)
 
 

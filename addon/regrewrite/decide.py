@@ -9,7 +9,8 @@ can only happen before anything was applied, and the addon turns it into a refus
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -38,6 +39,7 @@ class Refusal:
     code: str
     reason: str  # for the flow's comment and the log (never a secret)
     detail: Any = None
+    client_name: str | None = None  # the repository the client asked for, if any
 
     @property
     def body(self) -> bytes:
@@ -116,11 +118,11 @@ def decide_request(
     mirror = rules.mirror(ns) if ns else None
     route = resolve(rules, repo.name, mirror)
     if isinstance(route, Refusal):
-        return endpoint, route
+        return endpoint, replace(route, client_name=repo.name)
     code = repo.reference_error()
     if code is not None:
         detail = {"reference": repo.reference}
-        return endpoint, Refusal(400, code, f"malformed {repo.kind} path", detail)
+        return endpoint, Refusal(400, code, f"malformed {repo.kind} path", detail, repo.name)
     action = "pull" if method in _READ_METHODS else "delete" if method == "DELETE" else "push"
     if action not in route.actions:
         return endpoint, Refusal(
@@ -128,6 +130,7 @@ def decide_request(
             "DENIED",
             f"{repo.name} is read-only here ({action} not allowed)",
             {"name": repo.name, "action": action},
+            repo.name,
         )
     note = ""
     if repo.kind == "blobs/uploads" and api.query_value(query, "from") is not None:
@@ -401,6 +404,28 @@ def plan_response(
         keep=keep_manifest and rewrite_kind is None,
         learned=tuple(learned),
     )
+
+
+def decode_body(body: bytes, encoding: str, limit: int = RESPONSE_BODY_CAP) -> bytes:
+    """A body's bytes without its Content-Encoding, never more than ``limit`` of them
+    (a small gzip body can expand without bound). Raises ValueError past the limit or
+    for an encoding it does not decode."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise ValueError(f"cannot rewrite a body with Content-Encoding {encoding!r}")
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ValueError(f"bad {encoding} body: {e}") from e
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ValueError(f"{encoding} body expands past the {limit}-byte cap")
+    return out
 
 
 def rewrite_body(kind: str, body: bytes, path: str, client_name: api.MapName) -> bytes:

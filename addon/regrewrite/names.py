@@ -12,6 +12,7 @@ value is immutable, so rules can be built in a worker thread and shared.
 from __future__ import annotations
 
 import bisect
+import heapq
 import re
 from collections import deque
 from collections.abc import Iterator
@@ -43,9 +44,9 @@ class Placeholder:
 # A template is a sequence of literal strings and placeholders.
 Part = str | Placeholder
 
-# One path component of a template, for the overlap check: ("lit", text) matches
-# exactly text; ("one", prefix, suffix) matches prefix + one or more characters other
-# than "/" + suffix; ANY matches any component (inside a {x:path}).
+# One path component of a template: ("lit", text) matches exactly text; ("one", prefix,
+# suffix, placeholder) matches prefix + one or more characters other than "/" + suffix;
+# ANY matches any component (inside a {x:path}).
 Component = tuple[str, ...]
 ANY: Component = ("any",)
 
@@ -58,6 +59,7 @@ class Shape:
     head: tuple[Component, ...]
     path: str | None  # the literal before {x:path} in its first component; None: no path
     tail: tuple[Component, ...]
+    path_name: str = ""  # the {x:path} placeholder's name
 
     @property
     def min_length(self) -> int:
@@ -69,7 +71,7 @@ class Shape:
         if self.path is None or i < len(self.head):
             return self.head[i]
         if i == len(self.head):
-            return ("one", self.path, "")
+            return ("one", self.path, "", self.path_name)
         if i >= n - len(self.tail):
             return self.tail[i - (n - len(self.tail))]
         return ANY
@@ -100,6 +102,46 @@ class Template:
 
     def fill(self, values: dict[str, str]) -> str:
         return "".join(p if isinstance(p, str) else values[p.name] for p in self.parts)
+
+    def match(self, name: str) -> dict[str, str] | None:
+        """The placeholder values that produce ``name``, or None; what a full match of
+        ``pattern()`` gives, without compiling a regex for each of 1,000 rules."""
+        shape = self.shape
+        components = name.split("/")
+        n = len(components)
+        if n != len(shape.head) if shape.path is None else n < shape.min_length:
+            return None
+        values: dict[str, str] = {}
+        for component, pattern in zip(components, shape.head, strict=False):
+            if not _match_component(pattern, component, values):
+                return None
+        if shape.path is None:
+            return values
+        t = len(shape.tail)
+        for component, pattern in zip(components[n - t :], shape.tail, strict=True):
+            if not _match_component(pattern, component, values):
+                return None
+        middle = components[len(shape.head) : n - t]
+        if len(middle[0]) <= len(shape.path) or not middle[0].startswith(shape.path):
+            return None
+        if not all(middle):
+            return None
+        values[shape.path_name] = "/".join(middle)[len(shape.path) :]
+        return values
+
+
+def _match_component(pattern: Component, component: str, values: dict[str, str]) -> bool:
+    if pattern[0] == "lit":
+        return component == pattern[1]
+    _, prefix, suffix, name = pattern
+    if (
+        len(component) <= len(prefix) + len(suffix)
+        or not component.startswith(prefix)
+        or not component.endswith(suffix)
+    ):
+        return False
+    values[name] = component[len(prefix) : len(component) - len(suffix)]
+    return True
 
 
 def parse_template(text: str) -> Template:
@@ -168,17 +210,19 @@ def _shape(components: list[str]) -> Shape:
     head: list[Component] = []
     tail: list[Component] = []
     path: str | None = None
+    path_name = ""
     for component in components:
         m = _PLACEHOLDER.search(component)
         if m is None:
             comp: Component = ("lit", component)
         elif m.group(1).endswith(":path"):
             path = component[: m.start()]  # parse_template made sure it ends the component
+            path_name = m.group(1).partition(":")[0]
             continue
         else:
-            comp = ("one", component[: m.start()], component[m.end() :])
+            comp = ("one", component[: m.start()], component[m.end() :], m.group(1))
         (head if path is None else tail).append(comp)
-    return Shape(tuple(head), path, tuple(tail))
+    return Shape(tuple(head), path, tuple(tail), path_name)
 
 
 @dataclass(frozen=True)
@@ -239,10 +283,10 @@ def _meet(x: Component, y: Component) -> str | None:
     if x[0] == "lit" and y[0] == "lit":
         return x[1] if x[1] == y[1] else None
     if x[0] == "lit" or y[0] == "lit":
-        (_, text), (_, p, s) = (x, y) if x[0] == "lit" else (y, x)
+        (_, text), (_, p, s, _) = (x, y) if x[0] == "lit" else (y, x)
         ok = len(text) > len(p) + len(s) and text.startswith(p) and text.endswith(s)
         return text if ok else None
-    (_, p1, s1), (_, p2, s2) = x, y
+    (_, p1, s1, _), (_, p2, s2, _) = x, y
     p = p1 if len(p1) >= len(p2) else p2
     s = s1 if len(s1) >= len(s2) else s2
     if not (p.startswith(p1) and p.startswith(p2) and s.endswith(s1) and s.endswith(s2)):
@@ -279,37 +323,133 @@ def overlap(a: Template, b: Template) -> str | None:
     return None  # pragma: no cover (widest matched)
 
 
-def overlapping_pairs(templates: list[Template]) -> Iterator[tuple[int, int, str]]:
-    """Every (i, j, example) with i < j whose templates share a name, in order of j, i.
+def first_overlaps(templates: list[Template]) -> Iterator[tuple[int, int, str]]:
+    """For each template ``j`` that shares a name with an earlier one: (the first such
+    ``i``, ``j``, a name both produce), in order of ``j``.
 
-    Two templates can only share a name if their literal prefixes are prefixes of one
-    another and their literal suffixes suffixes of one another: templates are indexed by
-    prefix, then suffix, so each finds its few candidates by lookups instead of comparing
-    itself with all others; the exact ``overlap`` decides each candidate.
+    Instead of comparing every pair, each template takes its candidates from the most
+    selective of several indexes of necessary conditions: the number of components; the
+    literal text names start and end with (prefixes must be prefixes of one another,
+    suffixes suffixes); and, at each position it fixes from the front or the back, the
+    literal text its component there starts and ends with (``{a}/m1/{b}`` and
+    ``{a}/m2/{b}`` differ in the middle, ``{x}.u1/{y}`` and ``{x}.u2/{y}`` at the end of
+    the first component). Cheap checks, then the exact ``overlap``, decide each
+    candidate, earliest first, up to the first that overlaps.
     """
-    by_prefix: dict[str, _SuffixIndex] = {}
-    for i, t in enumerate(templates):
-        by_prefix.setdefault(t.prefix, _SuffixIndex()).add(t.suffix, i)
-    for index in by_prefix.values():
-        index.freeze()
-    prefix_lengths = sorted({len(p) for p in by_prefix})
-    pairs: set[tuple[int, int]] = set()
-    for i, t in enumerate(templates):
-        for k in prefix_lengths:
-            if k > len(t.prefix):
+    shapes = [t.shape for t in templates]
+    by_length = _LengthIndex(shapes)
+    by_text = _AffixIndex((t.prefix, t.suffix, i) for i, t in enumerate(templates))
+    by_position = _PositionIndex(shapes)
+    for j, t in enumerate(templates):
+        cost, lists = by_length.candidates(j)
+        probes = [(len(t.prefix) + len(t.suffix), by_text.candidates(t.prefix, t.suffix), [])]
+        probes += by_position.probes(j)
+        # The longest literals first: they usually find few candidates, and every later
+        # probe stops as soon as it would find more than the best so far.
+        probes.sort(key=lambda p: -p[0])
+        for _, candidates, always in probes:
+            extra = sum(map(len, always))
+            if extra >= cost:
+                continue
+            found = _probe(candidates, min(cost - extra, _PROBE_LIMIT))
+            if found is not None:
+                cost, lists = len(found) + extra, [found, *always]
+        low, high = by_length.bounds[j]
+        last = -1
+        # Earliest first, and only as far as the first overlap: the lists are sorted.
+        for i in heapq.merge(*lists):
+            if i >= j:
                 break
-            index = by_prefix.get(t.prefix[:k])
+            if i == last:
+                continue
+            last = i
+            u = templates[i]
+            if by_length.bounds[i][0] > high or low > by_length.bounds[i][1]:
+                continue
+            if not (t.prefix.startswith(u.prefix) or u.prefix.startswith(t.prefix)):
+                continue
+            if not (t.suffix.endswith(u.suffix) or u.suffix.endswith(t.suffix)):
+                continue
+            example = overlap(u, t)
+            if example is not None:
+                yield i, j, example
+                break
+
+
+def _probe(candidates: Iterator[int | None], limit: int) -> list[int] | None:
+    """The sorted candidates, or None when there are more than ``limit`` of them (or
+    finding them takes more than ``limit`` steps: a None is a step that found nothing)."""
+    found: list[int] = []
+    steps = 0
+    for k in candidates:
+        steps += 1
+        if steps > limit:
+            return None
+        if k is not None:
+            found.append(k)
+    return sorted(set(found))
+
+
+class _LengthIndex:
+    """Templates by how many components their names have."""
+
+    def __init__(self, shapes: list[Shape]) -> None:
+        # (fewest, most) components of the names each produces
+        self.bounds = [
+            (s.min_length, len(s.head) if s.path is None else _UNBOUNDED) for s in shapes
+        ]
+        self.exact: dict[int, list[int]] = {}
+        self.paths: dict[int, list[int]] = {}  # by their fewest
+        for i, s in enumerate(shapes):
+            (self.exact if s.path is None else self.paths).setdefault(s.min_length, []).append(i)
+
+    def candidates(self, i: int) -> tuple[int, list[list[int]]]:
+        """(how many, sorted lists of which) templates can have as many components."""
+        low, high = self.bounds[i]
+        lists = [ids for n, ids in self.paths.items() if n <= high]
+        if high == _UNBOUNDED:
+            lists += [ids for n, ids in self.exact.items() if n >= low]
+        else:
+            lists.append(self.exact.get(low, []))
+        return sum(map(len, lists)), lists
+
+
+_UNBOUNDED = 1 << 30
+# A probe that finds more candidates than this is given up: when many templates really
+# are compatible, the first of them usually overlaps, and looking at them in order costs
+# less than counting them all.
+_PROBE_LIMIT = 128
+
+
+class _AffixIndex:
+    """Entries (prefix, suffix, index) by prefix, then suffix: finds those whose prefix
+    starts, or is started by, a given one and whose suffix ends, or is ended by, another."""
+
+    def __init__(self, entries) -> None:
+        self.by_prefix: dict[str, _SuffixIndex] = {}
+        for prefix, suffix, i in entries:
+            self.by_prefix.setdefault(prefix, _SuffixIndex()).add(suffix, i)
+        for index in self.by_prefix.values():
+            index.freeze()
+        self.prefix_lengths = sorted({len(p) for p in self.by_prefix})
+        self.prefixes = sorted(self.by_prefix)
+
+    def candidates(self, prefix: str, suffix: str) -> Iterator[int | None]:
+        """The compatible indices, and a None for each group looked at, so that a caller
+        can stop after a given amount of work even when the groups are empty."""
+        for k in self.prefix_lengths:  # prefixes of `prefix`, itself included
+            if k > len(prefix):
+                break
+            index = self.by_prefix.get(prefix[:k])
             if index is not None:
-                for j in index.compatible(t.suffix):
-                    if j != i:
-                        pairs.add((min(i, j), max(i, j)))
-    for i, j in sorted(pairs, key=lambda p: (p[1], p[0])):
-        a, b = templates[i].shape, templates[j].shape
-        if a.path is None and b.path is None and len(a.head) != len(b.head):
-            continue
-        example = overlap(templates[i], templates[j])
-        if example is not None:
-            yield i, j, example
+                yield None
+                yield from index.compatible(suffix)
+        start = bisect.bisect_right(self.prefixes, prefix)  # longer ones starting with it
+        for longer in self.prefixes[start:]:
+            if not longer.startswith(prefix):
+                break
+            yield None
+            yield from self.by_prefix[longer].compatible(suffix)
 
 
 _AFTER_EVERY_INDEX = float("inf")
@@ -341,6 +481,55 @@ class _SuffixIndex:
             if not rev.startswith(key):
                 break
             yield i
+
+
+def _fixed(shape: Shape) -> dict[str, tuple[Component, ...]]:
+    """The components a template fixes, counted from each end: all of them from both
+    ends without a {x:path}; with one, the head (and the path's first component, which
+    starts with its prefix) from the front, the tail from the back."""
+    if shape.path is None:
+        return {"front": shape.head, "back": shape.head[::-1]}
+    first: Component = ("one", shape.path, "", shape.path_name)
+    return {"front": (*shape.head, first), "back": shape.tail[::-1]}
+
+
+def _affixes(c: Component) -> tuple[str, str]:
+    """The text a component starts and ends with (all of it, for a literal)."""
+    return (c[1], c[1]) if c[0] == "lit" else (c[1], c[2])
+
+
+class _PositionIndex:
+    """Templates by the text their component at each fixed position starts and ends with.
+
+    Two templates can only share a name if, at every position both fix, their components
+    there can be equal. Past the components a {x:path} template fixes, any component may
+    lie (inside its path): it is a candidate for every template at those positions.
+    """
+
+    def __init__(self, shapes: list[Shape]) -> None:
+        self.shapes = shapes
+        entries: dict[tuple[str, int], list[tuple[str, str, int]]] = {}
+        # side -> k -> {x:path} templates fixing k components from that end
+        self.paths: dict[str, dict[int, list[int]]] = {"front": {}, "back": {}}
+        for i, shape in enumerate(shapes):
+            for side, fixed in _fixed(shape).items():
+                for pos, c in enumerate(fixed):
+                    entries.setdefault((side, pos), []).append((*_affixes(c), i))
+                if shape.path is not None:
+                    self.paths[side].setdefault(len(fixed), []).append(i)
+        self.at = {where: _AffixIndex(e) for where, e in entries.items()}
+
+    def probes(self, i: int) -> list[tuple[int, Iterator[int | None], list[list[int]]]]:
+        """For each position template ``i`` fixes: (the length of its literals there, its
+        compatible candidates there, lazily; the {x:path} templates open there)."""
+        out = []
+        for side, fixed in _fixed(self.shapes[i]).items():
+            for pos, c in enumerate(fixed):
+                prefix, suffix = _affixes(c)
+                always = [ids for k, ids in self.paths[side].items() if k <= pos]
+                weight = len(prefix) + len(suffix)
+                out.append((weight, self.at[side, pos].candidates(prefix, suffix), always))
+        return out
 
 
 # --- the slow exact reference: a product-automaton search -------------------------
@@ -413,22 +602,31 @@ def common_name(a: Template, b: Template) -> str | None:
 
 
 class TemplateIndex:
-    """Templates in order, each indexed by the longer of its literal prefix and suffix,
-    so matching a name tries only the few templates that can match it, however many
-    there are (placeholder-first templates such as ``{x}.mirror`` included)."""
+    """Templates in order, each indexed by its longest literal: the text its names start
+    with, the text they end with, or a literal component at a fixed position from the
+    front or the back. Matching a name then tries only the few templates that can match
+    it, however many there are (``{x}.mirror`` and ``{a}/m1/{b}`` included)."""
 
     def __init__(self, templates: list[Template]) -> None:
         self.templates = tuple(templates)
-        self.patterns = tuple(re.compile(t.pattern()) for t in templates)
         prefixes: dict[int, dict[str, list[int]]] = {}
         suffixes: dict[int, dict[str, list[int]]] = {}
+        front: dict[int, dict[str, list[int]]] = {}
+        back: dict[int, dict[str, list[int]]] = {}
         for i, t in enumerate(templates):
-            if len(t.suffix) > len(t.prefix):
-                suffixes.setdefault(len(t.suffix), {}).setdefault(t.suffix, []).append(i)
-            else:
-                prefixes.setdefault(len(t.prefix), {}).setdefault(t.prefix, []).append(i)
+            keys = [(len(t.prefix), prefixes, len(t.prefix), t.prefix)]
+            keys.append((len(t.suffix), suffixes, len(t.suffix), t.suffix))
+            for side, fixed in _fixed(t.shape).items():
+                for pos, c in enumerate(fixed):
+                    if c[0] == "lit":
+                        keys.append((len(c[1]), front if side == "front" else back, pos, c[1]))
+            # Longest first; on a tie the prefix (listed first), which every lookup tries.
+            _, table, where, key = max(keys, key=lambda k: k[0])
+            table.setdefault(where, {}).setdefault(key, []).append(i)
         self.prefixes = tuple(prefixes.items())
         self.suffixes = tuple(suffixes.items())
+        self.front = tuple(front.items())
+        self.back = tuple(back.items())
 
     def matches(self, name: str) -> Iterator[tuple[int, dict[str, str]]]:
         """(index, placeholder values) of every template that produces ``name``, in order."""
@@ -440,10 +638,18 @@ class TemplateIndex:
         for length, table in self.suffixes:
             if length <= n:
                 candidates += table.get(name[n - length :], ())
+        if self.front or self.back:
+            components = name.split("/")
+            for pos, table in self.front:
+                if pos < len(components):
+                    candidates += table.get(components[pos], ())
+            for pos, table in self.back:
+                if pos < len(components):
+                    candidates += table.get(components[-1 - pos], ())
         for i in sorted(candidates):
-            m = self.patterns[i].fullmatch(name)
-            if m is not None:
-                yield i, m.groupdict()
+            values = self.templates[i].match(name)
+            if values is not None:
+                yield i, values
 
     def first(self, name: str) -> tuple[int, dict[str, str]] | None:
         return next(self.matches(name), None)

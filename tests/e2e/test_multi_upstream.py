@@ -51,6 +51,7 @@ upstreams:
     rules:
       - client: "tools/{{r:path}}"
         upstream: "b_tools/{{r:path}}"
+        actions: [pull, push]       # a robot-account upstream is pull-only by default
 """
     return proxy(rules)
 

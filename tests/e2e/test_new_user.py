@@ -91,7 +91,7 @@ class QuickStartProxy(_Service):
         self.log_path = workdir / "mitmdump.log"
         self.port = free_port()
         self.proc = None
-        block = readme_block("Quick start", "sh", "mitmdump --mode reverse:").strip()
+        block = readme_block("Quick start", "sh", " --mode reverse:").strip()
         setup, _, command = block.partition(" && ")
         assert setup == "bash .ci/setup", block  # done already: the tests run in its .venv
         argv = shlex.split(command)
@@ -135,7 +135,7 @@ def quick_start(request, ca, registry, tmp_path_factory):
 def test_readme_command_with_shipped_rules_pushes_and_pulls(
     quick_start, registry, skopeo, make_image, unique, tmp_path
 ):
-    assert quick_start.argv[0] == ".venv/bin/mitmdump"
+    assert quick_start.argv[0] == ".venv/bin/registry-rewrite"
     image = make_image(layers=2, layer_size=20_000)
     ref = f"docker://{quick_start.host}/team/app:{unique}"
     registry.mark()
@@ -149,6 +149,19 @@ def test_readme_command_with_shipped_rules_pushes_and_pulls(
     # The token service was learned from the registry, not taken from the file.
     assert "upstream default token realm is https://127.0.0.1:" in log, log
     assert "rules configure" not in log and "unreachable" not in log, log
+
+
+def test_readme_command_stops_on_a_bad_rules_file_before_listening(ca, registry, tmp_path):
+    p = QuickStartProxy(tmp_path, registry.url, ca)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(rules.read_text().replace('upstream: "acme_', 'upstream: "{ns}_', 1))
+    proc = subprocess.run(
+        p.argv, cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert re.search(r"rules\.yaml:\d+: rule 1 ", out), out  # file, line, rule, problem
+    assert "listening at" not in out, out
 
 
 def test_mitmdump_log_tells_a_denial_from_an_upstream_404(
@@ -239,7 +252,7 @@ def test_readme_curl_lines_read_flows_views_and_run_commands(
             env=dict(os.environ, PATH=f"{Path(curl).parent}:{os.environ['PATH']}"),
         )
         assert proc.returncode == 0, proc.stderr
-        by_bearer, by_query, view, command = _json_documents(proc.stdout)
+        by_bearer, by_query, view, command, explain = _json_documents(proc.stdout)
         assert (
             [f["id"] for f in by_bearer] == [f["id"] for f in by_query] == [f["id"] for f in flows]
         )
@@ -248,6 +261,7 @@ def test_readme_curl_lines_read_flows_views_and_run_commands(
         assert "MANIFEST_UNKNOWN" in view["text"], view
         assert "error" not in command, command
         assert "acme_team/{r:path}" in command["value"], command
+        assert "team/app → acme_team/app" in explain.get("value", ""), explain
     finally:
         web.stop()
         if request.session.testsfailed:

@@ -8,9 +8,11 @@ Clients say `team/...`; the registry holds `acme_team/...` (proxycheck.RULES).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import urllib.request
 from pathlib import Path
 
@@ -59,9 +61,19 @@ def installed(tmp_path_factory) -> Path:
     the project's venv through a .pth line (no index needed for them, and the checkout's
     own editable install is not picked up: that .pth path is not a site directory)."""
     work = tmp_path_factory.mktemp("installed")
+    # From a copy of the sources: setuptools builds in the tree, and a build/ left by an
+    # earlier build would slip files into the wheel that pyproject.toml does not list.
+    source = work / "source"
+    shutil.copytree(
+        REPO_ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "tests", "bench"
+        ),
+    )
     pip = [sys.executable, "-m", "pip"]
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(REPO_ROOT)],
+        [*pip, "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(source)],
         check=True,
         timeout=300,
     )
@@ -159,6 +171,17 @@ def value(samples, name: str, **labels) -> float:
     )
 
 
+def wait_for_metrics(port: int, name: str, at_least: float, timeout: float = 15.0) -> list:
+    """Scrape until ``name`` sums to ``at_least`` (the rules watcher looks every second
+    and waits for a file to settle), for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        if value(samples, name) >= at_least or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
+
+
 def test_metrics_and_access_log_after_a_real_pull(
     proxy, skopeo, make_image, http_client, unique, tmp_path
 ):
@@ -180,6 +203,8 @@ def test_metrics_and_access_log_after_a_real_pull(
     skopeo.copy(f"{dest}:1.0", f"oci:{tmp_path / 'pulled'}:x", src_creds=ALICE, tls_verify=False)
     denied = http_client(p.url).raw("GET", f"{p.url}/v2/nobody/{unique}/manifests/1.0")
     assert denied.status == 404
+    # Metrics are on their own listener only, not on the proxy's port.
+    assert http_client(p.url).raw("GET", f"{p.url}/metrics").status == 404
 
     samples = scrape(metrics_port)
     assert METRIC_NAMES <= {s.name for s in samples}
@@ -207,6 +232,17 @@ def test_metrics_and_access_log_after_a_real_pull(
                 continue  # a histogram bucket bound ("1.0" is also the test's tag)
             for leak in (unique, "team", "alice", "1.0", "sha256"):
                 assert leak not in text, (s.name, label, text)
+
+    # A rules edit, then a broken one: counted by result; the broken one changes nothing.
+    assert value(samples, "registry_rewrite_rules_reloads_total") == 0
+    p.rules_file.write_text(RULES + '  - client: "extra/{n}"\n    upstream: "library/x-{n}"\n')
+    samples = wait_for_metrics(metrics_port, "registry_rewrite_rules_reloads_total", 1)
+    assert value(samples, "registry_rewrite_rules") == 3
+    p.rules_file.write_text("rules: [")
+    samples = wait_for_metrics(metrics_port, "registry_rewrite_rules_reloads_total", 2)
+    assert value(samples, "registry_rewrite_rules_reloads_total", result="ok") == 1
+    assert value(samples, "registry_rewrite_rules_reloads_total", result="error") == 1
+    assert value(samples, "registry_rewrite_rules") == 3
 
     p.stop()  # the log is flushed and closed at shutdown
     text = log.read_text()

@@ -493,3 +493,15 @@ def test_a_checker_bug_is_a_rules_error(monkeypatch, tmp_path):
     monkeypatch.setattr("regrewrite.rules.parse_rules", bug)
     with pytest.raises(registry_rewrite.RulesError, match="cannot check the rules"):
         registry_rewrite._parse_rules_file(str(tmp_path / "r.yaml"), b"rules: []")
+
+
+def test_overlapping_rules_load_and_are_logged_as_aliases(tctx, addon, tmp_path, caplog):
+    rules_file = tmp_path / "hub.yaml"
+    rules_file.write_text(
+        'rules:\n  - client: "hub/{name}"\n    upstream: "library/{name}"\n'
+        '  - client: "hub/{org}/{name}"\n    upstream: "{org}/{name}"\n'
+    )
+    with caplog.at_level(logging.INFO):
+        tctx.configure(addon, registry_rules=str(rules_file))
+    assert addon.rules.route("hub/library/nginx").name == "library/nginx"
+    assert "rule 2 (hub/{org}/{name} -> {org}/{name}) is an alias of rule 1" in caplog.text

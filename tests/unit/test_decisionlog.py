@@ -106,6 +106,20 @@ def test_answered_and_error_flows_are_logged_errors_as_warnings(dctx, log, caplo
     ]
 
 
+def test_successful_answer_without_comment_is_not_logged(dctx, log, caplog):
+    # A health probe (/livez every few seconds) has nothing to tell; a failed one has.
+    live = make_flow("/livez", status=200, metadata={"registry_decision": "answered"})
+    ready = make_flow(
+        "/readyz",
+        status=503,
+        metadata={"registry_decision": "answered", "registry_error_code": "UNAVAILABLE"},
+    )
+    with caplog.at_level(logging.DEBUG):
+        log.response(live)
+        log.response(ready)
+    assert lines(caplog) == ["registry: answered GET /readyz -> 503 UNAVAILABLE"]
+
+
 @pytest.mark.parametrize(
     "status, headers, marked, logged",
     [

@@ -1,9 +1,11 @@
 """/livez and /readyz (the Health addon before the core); the upstream is a tiny local
 HTTP server, or a closed port."""
 
+import asyncio
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -23,9 +25,11 @@ rules:
 
 class _Upstream(BaseHTTPRequestHandler):
     hits = 0
+    delay = 0.0
 
     def do_GET(self):  # noqa: N802
         type(self).hits += 1
+        time.sleep(self.delay)
         body = b'{"errors":[{"code":"UNAUTHORIZED"}]}'
         self.send_response(401)  # any status is an answer
         self.send_header("Content-Length", str(len(body)))
@@ -39,6 +43,7 @@ class _Upstream(BaseHTTPRequestHandler):
 @pytest.fixture
 def upstream():
     _Upstream.hits = 0
+    _Upstream.delay = 0.0
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -158,3 +163,42 @@ async def test_readyz_fails_closed(health_ctx, addon, monkeypatch):
     monkeypatch.setattr(h, "readiness", broken)
     f = await ask(h, addon, "/readyz")
     assert f.response.status_code == 503
+
+
+async def test_answered_under_pass_too(addon, tmp_path):
+    # Under `unmatched: pass` the core would forward any path outside /v2/ upstream.
+    (tmp_path / "pass.yaml").write_text(RULES.replace("deny", "pass"))
+    h = Health()
+    with taddons.context(h, addon) as tctx:
+        tctx.configure(addon, registry_rules=str(tmp_path / "pass.yaml"))
+        tctx.options.update(mode=[f"reverse:{closed_port_url()}"])
+        live = await ask(h, addon, "/livez")
+        ready = await ask(h, addon, "/readyz")
+        other = await ask(h, addon, "/metrics")
+    assert live.response.status_code == 200
+    assert ready.response.status_code == 503
+    assert other.response is None and other.request.stream  # the core forwards it
+
+
+async def test_a_slow_probe_blocks_nothing_and_is_shared(health_ctx, addon, upstream):
+    h, tctx = health_ctx
+    tctx.options.update(mode=[f"reverse:{upstream}"])
+    _Upstream.delay = 0.5
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.ensure_future(ticker())
+    try:
+        first, second = await asyncio.gather(
+            ask(h, addon, "/readyz"), ask(h, addon, "/readyz", "HEAD")
+        )
+    finally:
+        task.cancel()
+    assert first.response.status_code == second.response.status_code == 200
+    assert _Upstream.hits == 1  # one probe round for both
+    assert ticks >= 10  # the event loop ran on while the upstream took 0.5 s

@@ -266,3 +266,20 @@ def test_fuzz_response_headers_through_hooks(hooks, header, status):
     hooks.response(f)
     location = f.response.headers["Location"]
     assert "acme_team" not in unquote(location) or "acme_team" in unquote(header)
+
+
+def test_encoded_bodies_are_decoded_within_the_cap():
+    import gzip
+    import zlib
+
+    from regrewrite import decide
+
+    doc = b'{"name":"acme_team/app","tags":["1"]}'
+    assert decide.decode_body(gzip.compress(doc), "gzip") == doc
+    assert decide.decode_body(zlib.compress(doc), "deflate") == doc
+    assert decide.decode_body(doc, "identity") == doc
+    bomb = gzip.compress(b"\0" * (decide.RESPONSE_BODY_CAP + 1))  # ~4 KiB on the wire
+    assert len(bomb) < 64 << 10
+    for body, encoding in ((bomb, "gzip"), (b"not gzip", "gzip"), (doc, "br")):
+        with pytest.raises(ValueError):
+            decide.decode_body(body, encoding)

@@ -123,3 +123,11 @@ def test_challenge_asks_only_for_what_is_allowed(tctx, addon):
     addon.responseheaders(f)
     (challenge,) = parse_challenges(f.response.headers["WWW-Authenticate"])
     assert challenge.get("scope") == "repository:hub/nginx:pull"
+
+
+def test_refusals_name_the_client_repository_for_the_logs(tctx, addon):
+    for path in ("/v2/hub/nginx/blobs/uploads/", "/v2/other/x/manifests/1", "/v2/team/a/blobs/x"):
+        f = flow(path, "POST" if "uploads" in path else "GET")
+        addon.requestheaders(f)
+        assert f.response is not None
+        assert f.metadata["registry_client_name"] == path.split("/")[2] + "/" + path.split("/")[3]

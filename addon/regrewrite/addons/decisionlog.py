@@ -7,7 +7,8 @@ mitmweb and the console. This addon writes, at the default verbosity::
 
     registry: denied GET /v2/x/manifests/1 -> 404 NAME_UNKNOWN: no rule for x
 
-for every flow the proxy refused, answered or failed itself, and for every flow whose
+for every flow the proxy refused, answered or failed itself (but a successful answer with
+nothing to say, such as a health probe's), and for every flow whose
 authorisation failed (the upstream's 403, or its 401 to a request that carried
 credentials; an anonymous client's first 401 is the normal start of the token dance and
 is not logged). ``--set registry_log_comments=true`` logs every flow's comment: the
@@ -102,7 +103,7 @@ class DecisionLog:
             return  # not a flow the registry addon saw
         # Most flows are mapped 2xx/3xx: decided without touching headers or body.
         if not (
-            decision in OWN_DECISIONS
+            (decision in OWN_DECISIONS and (status >= 400 or flow.comment))
             or self.log_all
             or (
                 status in (401, 403)

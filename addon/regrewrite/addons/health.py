@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from mitmproxy import ctx, http
 from mitmproxy.proxy import mode_specs
 
-from regrewrite import api, realm
-from regrewrite.addons import core
+from regrewrite import api, decide, realm
+from regrewrite.addons import core, patches
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ PATHS = frozenset(("/livez", "/readyz"))
 PROBE_TTL = 10.0  # seconds a probe result is reused
 PROBE_TIMEOUT = 5.0  # seconds an upstream has to answer a probe
 
+_BODY_CAP_ERROR = api.registry_error(
+    "SIZE_INVALID", {"limit": decide.REQUEST_BODY_CAP}, "health checks take no body"
+).decode()
 _HEADERS = {
     "Content-Type": "application/json",
     "Cache-Control": "no-store",
@@ -70,9 +73,13 @@ class Health:
         path = flow.request.path.partition("?")[0]
         if path not in PATHS:
             return None
-        flow.metadata["registry_answered"] = True
-        flow.metadata["registry_endpoint"] = "other"
-        flow.metadata["registry_decision"] = "answered"
+        meta = flow.metadata
+        meta["registry_answered"] = True
+        meta["registry_endpoint"] = "other"
+        meta["registry_decision"] = "answered"
+        # mitmproxy reads a body sent along before it answers: only this much of it.
+        meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
+        meta[patches.CAP_ERROR] = _BODY_CAP_ERROR
         if flow.request.method not in ("GET", "HEAD"):
             self._answer(flow, 405, api.registry_error("UNSUPPORTED", message="GET or HEAD"))
             flow.response.headers["Allow"] = "GET, HEAD"
