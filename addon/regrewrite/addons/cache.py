@@ -28,7 +28,7 @@ import ssl
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from cryptography import x509
@@ -71,7 +71,6 @@ class _Pending:
     kind: str  # "blobs" or "manifests"
     flight: asyncio.Future | None = None  # set when this flow fetches for everyone
     writer: WriteBehind | None = None
-    stats: dict = field(default_factory=dict)
 
 
 class BlobCache:
