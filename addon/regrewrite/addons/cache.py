@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from mitmproxy import command, ctx, exceptions, http
 
 from regrewrite import api, realm
+from regrewrite.addons import client_origin, core
 from regrewrite.blobcache import (
     Digest,
     Flights,
@@ -633,18 +634,9 @@ def _manifest_type(content: bytes) -> str:
 
 
 def _public_origin(flow: http.HTTPFlow) -> api.Origin:
-    """Where clients reach this proxy, as the core derives it for the token realm:
-    registry_public_url, else what a trusted balancer said, else the client connection."""
-    url = getattr(ctx.options, "registry_public_url", None)
-    if url:
-        return api.Origin.parse(url)
-    public = flow.metadata.get("registry_public")
-    if public is not None:
-        return api.Origin(*public)
-    conn = flow.client_conn
-    if conn.tls_established:
-        return api.Origin("https", conn.sni or conn.sockname[0], conn.sockname[1])
-    return api.Origin("http", conn.sockname[0], conn.sockname[1])
+    """Where clients reach this proxy, as the core derives it for the token realm."""
+    found = core()
+    return found.public_origin(flow) if found is not None else client_origin(flow)
 
 
 def _comment(flow: http.HTTPFlow, note: str) -> None:
