@@ -26,8 +26,9 @@ from urllib.parse import urlsplit
 from mitmproxy import command, contentviews, ctx, exceptions, http
 
 from regrewrite import api, auth, decide, realm
-from regrewrite.addons import patches
+from regrewrite.addons import client_origin, patches
 from regrewrite.addons.accesslog import AccessLog
+from regrewrite.addons.cache import BlobCache
 from regrewrite.addons.decisionlog import DecisionLog
 from regrewrite.addons.health import Health
 from regrewrite.addons.metrics import Metrics
@@ -402,15 +403,17 @@ class RegistryRewrite:
             _answer(flow, http.Response.make(200, b"{}", api.JSON_HEADERS), "ping: 200")
             return
         service = self.rules.service or self.service
-        params = (("realm", f"{self._public(flow)}{self.rules.token_path}"),)
+        params = (("realm", f"{self.public_origin(flow)}{self.rules.token_path}"),)
         if service:
             params += (("service", service),)
         body = api.registry_error("UNAUTHORIZED", message="authentication required")
         headers = {**api.JSON_HEADERS, "WWW-Authenticate": str(auth.Challenge("Bearer", params))}
         _answer(flow, http.Response.make(401, body, headers), "auth: 401 challenge")
 
-    def _public(self, flow: http.HTTPFlow) -> Origin:
-        return self.public or flow.metadata.get("registry_public") or _client_origin(flow)
+    def public_origin(self, flow: http.HTTPFlow) -> Origin:
+        """Where this flow's client reaches the proxy: registry_public_url, else what a
+        trusted balancer said (TrustedProxies), else the client connection."""
+        return self.public or flow.metadata.get("registry_public") or client_origin(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -618,7 +621,7 @@ class RegistryRewrite:
         upstream: Origin = flow.metadata["registry_upstream"]
         key = flow.metadata.get("registry_upstream_key", "default")
         registry = next(i for i, u in enumerate(rules.upstreams) if u.key == key)
-        public = self._public(flow)
+        public = self.public_origin(flow)
         token_url = f"{public}{rules.token_path}"
         if "registry_mirror" in flow.metadata:
             token_url += f"?ns={flow.metadata['registry_mirror']}"
@@ -1013,16 +1016,15 @@ def _redact_credentials(flow: http.HTTPFlow) -> None:
     headers.fields = tuple(fields)
 
 
-def _client_origin(flow: http.HTTPFlow) -> Origin:
-    """This proxy's address as the client reached it (reverse mode rewrote Host)."""
-    conn = flow.client_conn
-    host, port = conn.sockname[0], conn.sockname[1]
-    if conn.tls_established:
-        return Origin("https", conn.sni or host, port)
-    return Origin("http", host, port)
-
-
 # Health answers /livez and /readyz and TrustedProxies reads forwarding headers before
 # the core drops them; both must come first.
 # Metrics, AccessLog and DecisionLog read what the core decided, so they come after it.
-addons = [Health(), TrustedProxies(), RegistryRewrite(), Metrics(), AccessLog(), DecisionLog()]
+addons = [
+    Health(),
+    TrustedProxies(),
+    RegistryRewrite(),
+    BlobCache(),  # after the core: sees mapped requests; before Metrics: it wraps our stream
+    Metrics(),
+    AccessLog(),
+    DecisionLog(),
+]

@@ -63,6 +63,11 @@ MEDIA_TYPE_NAMES = {
     DOCKER_V1_SIGNED: "Docker image manifest (schema 1, signed)",
 }
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+CACHE_STATES = {
+    "hit": "hit (served from the cache after the upstream confirmed this client's right)",
+    "miss": "miss (fetched from the upstream, cached once its digest matched)",
+    "wait": "hit after a single-flight wait (another client's download of it finished)",
+}
 
 
 # --- JWT ------------------------------------------------------------------------------
@@ -676,6 +681,7 @@ class Message:
     authorization: str | None = None  # the request's header (possibly redacted)
     bearer: dict | None = None  # bearer_info() the addon kept before redacting
     token_flow: bool = False  # the addon answered it from the token realm
+    cache: str | None = None  # the blob cache's part: "hit", "miss" or "wait"
     challenges: tuple[str, ...] = ()  # the response's WWW-Authenticate values
 
 
@@ -707,6 +713,7 @@ def message_from_metadata(metadata: Any) -> Message | None:
         authorization=req_headers.get("Authorization"),
         bearer=fmeta.get("registry_bearer"),
         token_flow=bool(fmeta.get("registry_token")),
+        cache=fmeta.get("registry_cache"),
         challenges=challenges,
     )
 
@@ -753,6 +760,8 @@ def render(
     now = time.time() if now is None else now
     kind = classify(data, msg, rules.token_path if rules else None)
     if kind is None:
+        if msg.cache and not msg.is_request:  # a blob (or the 307 to it) the cache served
+            return f"blob cache: {CACHE_STATES.get(msg.cache, msg.cache)}\n"
         return None
     doc = parse_json(data)
     client_name = client_namer(rules) if rules else None
@@ -778,6 +787,8 @@ def render(
     if kind in ("bearer", "manifest", "errors", "token_request"):
         credentials = _describe_credentials(msg, now, client_name)
         lines += [""] + credentials if lines and credentials else credentials
+    if msg.cache and not msg.is_request:
+        lines.insert(0, f"blob cache: {CACHE_STATES.get(msg.cache, msg.cache)}")
     return scrub("\n".join(lines)) + "\n"
 
 
@@ -835,7 +846,8 @@ class RegistryContentview:
             return -1
         rules = self._rules()
         kind = classify(data, msg, rules.token_path if rules else None)
-        return PRIORITY if kind is not None else -1
+        cached = msg.cache is not None and not msg.is_request
+        return PRIORITY if kind is not None or cached else -1
 
     def __lt__(self, other: Any) -> bool:
         return self.name < other.name

@@ -238,8 +238,15 @@ def _seed(f: Front, http_client, up: str, image, tag: str = "v1") -> None:
 
 
 def _challenge(response) -> dict[str, str]:
+    """The Bearer challenge's parameters; a scope's actions in a stable order (the
+    registry lists them in whatever order its access records came)."""
     scheme, params = parse_challenge(response.header("WWW-Authenticate") or "")
     assert scheme == "bearer", response.headers
+    if "scope" in params:
+        params["scope"] = " ".join(
+            f"{s.rsplit(':', 1)[0]}:{','.join(sorted(s.rsplit(':', 1)[1].split(',')))}"
+            for s in params["scope"].split(" ")
+        )
     return params
 
 

@@ -236,7 +236,7 @@ def test_bad_rules_file_stops_startup(ca, registry, tmp_path):
     m.cleanup()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    assert "bad-rules.yaml:2: rule 1: client '{ns}/x' and upstream 'acme/x'" in out, out
+    assert "bad-rules.yaml:2: rule 1 ({ns}/x -> acme/x): client and upstream" in out, out
     assert "different placeholders (only in client: ns)" in out
     assert "Traceback" not in out
 

@@ -826,3 +826,17 @@ async def test_flows_can_be_saved_and_loaded_ones_are_left_alone(tctx, addon):
     assert addon.realm == "https://learned.test/token"  # not re-learned from a rewritten one
     text = contentviews.prettify_message(loaded.response, loaded).text
     assert "error: invalid_token" in text and "subject: alice" in text
+
+
+@pytest.mark.parametrize(
+    "state, text",
+    [("hit", "blob cache: hit"), ("miss", "blob cache: miss"), ("wait", "single-flight wait")],
+)
+def test_cache_line_for_blobs_the_cache_served(state, text):
+    msg = Message(is_request=False, path="/v2/team/app/blobs/sha256:ab", status=200, cache=state)
+    assert text in render(b"\x1f\x8b binary layer", msg)
+    # A manifest by digest keeps its own view, with the cache line first.
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": cv.OCI_MANIFEST, "layers": []})
+    out = render(manifest.encode(), Message(is_request=False, status=200, cache=state))
+    assert out.startswith("blob cache: ") and "layers: 0" in out
+    assert render(b"\x1f\x8b", Message(is_request=False, status=200)) is None

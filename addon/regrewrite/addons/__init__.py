@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from mitmproxy import ctx
 
+from regrewrite.api import Origin
+
 CORE = "registryrewrite"  # the core addon's name in mitmproxy's addon manager
 
 
@@ -17,6 +19,16 @@ def core():
     """The core addon (RegistryRewrite), or None when it is not loaded."""
     master = getattr(ctx, "master", None)
     return master.addons.get(CORE) if master is not None else None
+
+
+def client_origin(flow) -> Origin:
+    """This proxy's address as the client reached it: reverse mode rewrote Host before
+    any addon sees it, so it comes from the connection (socket address, TLS and SNI)."""
+    conn = flow.client_conn
+    host, port = conn.sockname[0], conn.sockname[1]
+    if conn.tls_established:
+        return Origin("https", conn.sni or host, port)
+    return Origin("http", host, port)
 
 
 # --- body sizes, for metrics and the access log -----------------------------------------

@@ -15,6 +15,7 @@ import logging
 from mitmproxy import ctx, exceptions, http
 
 from regrewrite import forwarded
+from regrewrite.addons import client_origin
 from regrewrite.api import Origin
 
 logger = logging.getLogger(__name__)
@@ -96,12 +97,3 @@ class TrustedProxies:
 _FORWARDING = frozenset(
     (b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port")
 )
-
-
-def client_origin(flow: http.HTTPFlow) -> Origin:
-    """This proxy's address as the client reached it (as the core derives it)."""
-    conn = flow.client_conn
-    host, port = conn.sockname[0], conn.sockname[1]
-    if conn.tls_established:
-        return Origin("https", conn.sni or host, port)
-    return Origin("http", host, port)

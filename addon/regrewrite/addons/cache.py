@@ -1,0 +1,650 @@
+"""The blob cache addon: serves blobs (and manifests by digest) from a local directory.
+
+Composed after the core in addon/registry_rewrite.py, so every hook here sees a request
+already mapped to its upstream name and origin.  Off unless ``registry_cache_dir`` is set.
+
+- Miss: the upstream's body streams to the client as before; a thread writes it to a
+  temp file and hashes it; only a matching digest and length are renamed into place.
+- Hit: first the upstream is asked, with the client's own Authorization, whether this
+  client may read this blob in this repository (``HEAD``).  Only a yes is served, by a
+  ``307`` to a signed URL on the local sendfile server (blobs) or from the file
+  (manifests).  Anything else sends the request upstream unchanged, so the client gets
+  exactly the upstream's answer (401, 403, 404).
+- Concurrent misses of one digest: one goes upstream; the others (once authorised)
+  wait for it and are then served as hits.
+
+The client's credential is used only in memory, for the authorisation request, and is
+never stored in flow.metadata or on disk (a grant is remembered under a hash of it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import ssl
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from mitmproxy import command, ctx, exceptions, http
+
+from regrewrite import api, realm
+from regrewrite.addons import client_origin, core
+from regrewrite.blobcache import (
+    Digest,
+    Flights,
+    Grants,
+    Signer,
+    Store,
+    WriteBehind,
+    parse_digest,
+    parse_size,
+    shared_secret,
+    upstream_dirname,
+)
+from regrewrite.blobserver import BlobServer
+from regrewrite.contentview import bearer_info
+
+logger = logging.getLogger(__name__)
+
+URL_SECONDS = 60  # lifetime of a redirect URL; its blob is not evicted meanwhile
+AUTH_TIMEOUT = 10.0  # seconds for the upstream's yes/no on a hit
+WAIT_SECONDS = 600.0  # longest wait for another request's download of the same blob
+MAX_QUEUED = 32 << 20  # bytes waiting for the disk per blob before caching gives up
+MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
+_AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
+_JSON = {"Docker-Distribution-API-Version": "registry/2.0"}
+SERVE_MODES = ("auto", "redirect", "through")
+
+
+@dataclass
+class _Pending:
+    """One flow's cache state, kept in memory (never in flow.metadata)."""
+
+    key: tuple[str, Digest]
+    kind: str  # "blobs" or "manifests"
+    flight: asyncio.Future | None = None  # set when this flow fetches for everyone
+    writer: WriteBehind | None = None
+
+
+class BlobCache:
+    def __init__(self) -> None:
+        self.store: Store | None = None
+        self.server: BlobServer | None = None
+        self.signer: Signer | None = None
+        self.cap = 0
+        self.tls = realm.tls_context(False, None, None)
+        self.grants = Grants(ttl=30.0)
+        self.flights = Flights()
+        self.pending: dict[str, _Pending] = {}
+        # Files whose digest this process has checked (or written): (path, size, inode).
+        self.verified: set[tuple[str, int, int]] = set()
+        # Redirect targets handed out, until their URL expires (eviction spares them).
+        self.pins: dict[str, float] = {}
+        self.pins_lock = threading.Lock()
+        self.logged_errors: set[str] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.counts = dict.fromkeys(
+            ("hits", "misses", "waits", "bypass", "stored", "rejected", "evictions"), 0
+        )
+        self.counts.update(bytes_served=0, bytes_fetched=0)
+        self.collecting = False
+
+    def load(self, loader):
+        loader.add_option(
+            "registry_cache_dir",
+            str | None,
+            None,
+            "Directory of the blob cache (off when unset). Replicas may share it.",
+        )
+        loader.add_option(
+            "registry_cache_max_bytes",
+            str,
+            "10G",
+            "Size cap of the blob cache, e.g. 50G; least recently served blobs go first.",
+        )
+        loader.add_option(
+            "registry_cache_port",
+            int,
+            0,
+            "Port of the local blob server cache hits are redirected to (0: any free "
+            "port; set it when clients must reach it through a fixed port).",
+        )
+        loader.add_option(
+            "registry_cache_serve",
+            str,
+            "auto",
+            "How hits reach the client: auto (307 to the local blob server, over TLS with "
+            "the proxy's own certificate when the client came over TLS), redirect (307 "
+            "to plain HTTP even for TLS clients), through (the proxy relays the blob from "
+            "the local blob server: slowest).",
+            choices=SERVE_MODES,
+        )
+        loader.add_option(
+            "registry_cache_grant_seconds",
+            int,
+            30,
+            "Seconds a client's confirmed right to read a repository is remembered "
+            "(never past its token's expiry; 0: ask the upstream on every hit).",
+        )
+
+    def configure(self, updated):
+        if "registry_cache_max_bytes" in updated:
+            try:
+                self.cap = parse_size(ctx.options.registry_cache_max_bytes)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"registry_cache_max_bytes: {e}") from None
+        if "registry_cache_grant_seconds" in updated:
+            if ctx.options.registry_cache_grant_seconds < 0:
+                raise exceptions.OptionsError("registry_cache_grant_seconds must be >= 0")
+            self.grants = Grants(ttl=float(ctx.options.registry_cache_grant_seconds))
+        if updated & {
+            "ssl_insecure",
+            "ssl_verify_upstream_trusted_ca",
+            "ssl_verify_upstream_trusted_confdir",
+        }:
+            self.tls = realm.tls_context(
+                ctx.options.ssl_insecure,
+                ctx.options.ssl_verify_upstream_trusted_ca,
+                ctx.options.ssl_verify_upstream_trusted_confdir,
+            )
+        if updated & {"registry_cache_dir", "registry_cache_port", "listen_host"}:
+            self._open(ctx.options.registry_cache_dir)
+
+    def _open(self, directory: str | None) -> None:
+        self._close()
+        if not directory:
+            return
+        store = Store(directory)
+        try:
+            os.makedirs(store.root, exist_ok=True)
+        except OSError as e:
+            raise exceptions.OptionsError(f"registry_cache_dir {directory!r}: {e}") from None
+        if not os.access(store.root, os.W_OK):
+            # Still serves what is there (a read-only copy of a warm directory).
+            self._log_once(
+                "readonly",
+                f"registry cache: {store.root} is not writable; "
+                "serving what it holds, caching nothing new",
+            )
+        signer = Signer(shared_secret(store.root))
+        try:
+            server = BlobServer(
+                store,
+                signer,
+                ctx.options.listen_host or "",
+                ctx.options.registry_cache_port,
+                served=self._served,
+            ).start()
+        except OSError as e:
+            raise exceptions.OptionsError(
+                f"registry_cache_port {ctx.options.registry_cache_port}: {e}"
+            ) from None
+        self.store, self.signer, self.server = store, signer, server
+        logger.info(
+            f"registry cache: {store.root}, cap {self.cap} bytes, blob server on port {server.port}"
+        )
+
+    def _close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.store = self.server = self.signer = None
+        self.grants.clear()
+
+    def running(self):
+        self.loop = asyncio.get_running_loop()
+        # With the Metrics addon loaded, its registry serves our counters too.
+        registry = getattr(ctx.master.addons.get("metrics"), "registry", None)
+        if registry is not None and not self.collecting:
+            registry.register(_Collector(self))
+            self.collecting = True
+
+    def done(self):
+        self._close()
+
+    @command.command("registry.cache")
+    def stats_command(self) -> str:
+        """Counters of the blob cache since start."""
+        text = " ".join(f"{k}={v}" for k, v in self.counts.items())
+        logger.info(f"registry.cache: {text}")
+        return text
+
+    # --- requests -----------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self.store is None or flow.response or flow.error or not flow.live:
+            return
+        if flow.request.method != "GET" or not _mapped(flow):
+            return
+        path, _ = api.split_target(flow.request.path)
+        repo = api.parse_repository_path(path)
+        if repo is None or repo.kind not in ("blobs", "manifests"):
+            return
+        digest = parse_digest(repo.reference)
+        if digest is None:
+            return  # a tag, or a digest we cannot verify: always upstream
+        req = flow.request
+        upstream = upstream_dirname(req.scheme, req.host, req.port)
+        key = (upstream, digest)
+        credential = req.headers.get("Authorization")
+        authorised = False
+        waited = False
+        try:
+            while True:
+                # The flight is looked at before the disk: a download lands only after
+                # its file is in place, so "no file" and "no flight" seen in this order
+                # cannot hide a download that finished during the look (measured: it
+                # did, and the blob was fetched twice).
+                flight = self.flights.get(key)
+                size = await asyncio.to_thread(self.store.size, upstream, digest)
+                if size is None and flight is None:
+                    flight = self.flights.get(key)  # one that started during the look
+                if size is None and flight is None:
+                    # A miss: this flow fetches for everyone asking meanwhile.
+                    # (Counted and noted once the upstream answers 200: a refusal is none.)
+                    self.pending[flow.id] = _Pending(key, repo.kind, self.flights.start(key))
+                    return
+                if not credential:
+                    # Anonymous: the cache gives nothing; the upstream decides.
+                    return self._bypass(flow, "anonymous")
+                if not authorised:
+                    authorised = await self._authorise(
+                        flow, upstream, repo.name, digest, credential
+                    )
+                    if not authorised:
+                        return self._bypass(flow, "not authorised")
+                if size is not None:
+                    if await self._serve(flow, repo.kind, upstream, digest, size, waited):
+                        return
+                    continue  # the file failed its check and was removed
+                waited = True
+                self.counts["waits"] += 1
+                try:
+                    await asyncio.wait_for(asyncio.shield(flight), WAIT_SECONDS)
+                except TimeoutError:
+                    return self._bypass(flow, "waited too long")
+        except Exception:
+            # The cache must never fail a pull: the flow goes upstream as it stands.
+            logger.exception("registry cache: lookup failed")
+            self.pending.pop(flow.id, None)
+
+    def _bypass(self, flow: http.HTTPFlow, why: str) -> None:
+        logger.debug(f"registry cache: bypass ({why}) {flow.request.path}")
+        self.counts["bypass"] += 1
+        _comment(flow, f"cache bypass ({why})")
+
+    async def _authorise(
+        self, flow: http.HTTPFlow, upstream: str, name: str, digest: Digest, credential: str
+    ) -> bool:
+        """Whether the upstream lets this credential read this blob in this repository
+        (HEAD, the client's own Authorization), or a recent yes to the same question.
+
+        The remembered yes names the blob too: a right to one repository must not open
+        every cached blob to a client that names them under it (the upstream answers
+        404 for a blob the repository does not hold)."""
+        now = time.time()
+        grant = Grants.key(credential, upstream, f"{name}@{digest}")
+        if self.grants.allowed(grant, now):
+            return True
+        req = flow.request
+        url = f"{req.scheme}://{api.Origin(req.scheme, req.host, req.port).netloc}{req.path}"
+        headers = [("Authorization", credential)]
+        if accept := req.headers.get("Accept"):
+            headers.append(("Accept", accept))
+        try:
+            reply = await asyncio.to_thread(
+                realm.fetch, "HEAD", url, headers, None, self.tls, AUTH_TIMEOUT
+            )
+        except realm.RealmUnreachable as e:
+            logger.info(f"registry cache: cannot confirm access to {name}: {e}")
+            return False
+        if reply.status not in _AUTHORISED:
+            logger.debug(f"registry cache: upstream answered {reply.status} for {name}")
+            return False
+        info = bearer_info(credential)
+        expires = (info or {}).get("claims", {}).get("exp")
+        if not isinstance(expires, int | float) or isinstance(expires, bool):
+            expires = None
+        self.grants.remember(grant, now, expires)
+        return True
+
+    async def _serve(
+        self,
+        flow: http.HTTPFlow,
+        kind: str,
+        upstream: str,
+        digest: Digest,
+        size: int,
+        waited: bool,
+    ) -> bool:
+        """Answer from the cache; False when the file turned out bad (now removed)."""
+        store = self.store
+        path = store.path(upstream, digest)
+        try:
+            ident = await asyncio.to_thread(_ident, path)
+        except OSError:
+            return False
+        if ident not in self.verified:
+            # Written by another replica or before a restart: check it once.
+            if not await asyncio.to_thread(store.verify, upstream, digest):
+                return False
+            self.verified.add(ident)
+        if kind == "manifests":
+            if size > MANIFEST_LIMIT:
+                return False
+            content = await asyncio.to_thread(_read, path)
+            if content is None:
+                return False
+            flow.response = http.Response.make(
+                200,
+                content,
+                {
+                    **_JSON,
+                    "Content-Type": _manifest_type(content),
+                    "Docker-Content-Digest": str(digest),
+                },
+            )
+        else:
+            relpath = store.relpath(upstream, digest)
+            expires = int(time.time()) + URL_SECONDS
+            with self.pins_lock:
+                self.pins[path] = expires + 1
+            target = f"/blobs/{quote(relpath)}?e={expires}&s={self.signer.sign(relpath, expires)}"
+            mode = ctx.options.registry_cache_serve
+            public = _public_origin(flow)
+            host = f"[{public.host}]" if ":" in public.host else public.host
+            scheme = "http"
+            if mode == "auto" and (public.scheme == "https" or flow.client_conn.tls_established):
+                # A client that asked for TLS gets the blob over TLS, or relayed. (Behind
+                # a TLS-terminating balancer the blob server has no certificate it trusts.)
+                tls = flow.client_conn.tls_established and self._serve_tls(host)
+                scheme = "https" if tls else ""
+            if mode == "through" or not scheme:
+                # Relayed by mitmproxy over the client's own connection: slower than
+                # sendfile, but the blob never leaves in clear text.
+                _redact(flow)
+                req = flow.request
+                req.headers.pop("Authorization", None)  # not needed by our own server
+                req.scheme, req.host, req.port = "http", self.server.local_host, self.server.port
+                req.path = target
+                flow.metadata["registry_cache"] = "wait" if waited else "hit"
+                self.counts["hits"] += 1
+                _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
+                await asyncio.to_thread(store.touch, path)
+                return True
+            location = f"{scheme}://{host}:{self.server.port}{target}"
+            flow.response = http.Response.make(
+                307,
+                b"",
+                {**_JSON, "Location": location, "Docker-Content-Digest": str(digest)},
+            )
+        await asyncio.to_thread(store.touch, path)
+        flow.metadata["registry_answered"] = True  # the core leaves our answer alone
+        flow.metadata["registry_cache"] = "wait" if waited else "hit"
+        self.counts["hits"] += 1
+        _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
+        _redact(flow)
+        return True
+
+    def _serve_tls(self, host: str) -> bool:
+        """Let the blob server speak TLS for `host` with the certificate mitmproxy
+        presents for it (its --certs, or one from its CA); False if that fails."""
+        server = self.server
+        name = host.strip("[]")
+        if server.has_tls(name):
+            return True
+        tlsconfig = ctx.master.addons.get("tlsconfig")
+        certstore = getattr(tlsconfig, "certstore", None)
+        if certstore is None:
+            return False
+        try:
+            try:
+                san = x509.IPAddress(ipaddress.ip_address(name))
+            except ValueError:
+                san = x509.DNSName(name)
+            entry = certstore.get_cert(name, [san])
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            # load_cert_chain reads files only: a private directory, removed at once.
+            with tempfile.TemporaryDirectory(prefix="regcache-tls-") as tmp:
+                cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+                with open(cert, "wb") as f:
+                    f.write(entry.cert.to_pem())
+                    for extra in entry.chain_certs:
+                        f.write(extra.to_pem())
+                fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(
+                        entry.privatekey.private_bytes(
+                            serialization.Encoding.PEM,
+                            serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption(),
+                        )
+                    )
+                context.load_cert_chain(cert, key)
+        except (OSError, ValueError, ssl.SSLError) as e:
+            self._log_once("tls", f"registry cache: no TLS for the blob server ({e})")
+            return False
+        server.add_tls(name, context)
+        return True
+
+    # --- responses (misses) -------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        pending = self.pending.get(flow.id)
+        if pending is None or pending.flight is None:
+            return
+        try:
+            self._start_writing(flow, pending)
+        except Exception:
+            # Caching is given up; the response passes as the core set it up.
+            logger.exception("registry cache: cannot cache this response")
+            if pending.writer is not None:
+                pending.writer.abort()
+            else:
+                self._land(flow.id, "failed")
+
+    def _start_writing(self, flow: http.HTTPFlow, pending: _Pending) -> None:
+        resp = flow.response
+        length = resp.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        limit = MANIFEST_LIMIT if pending.kind == "manifests" else self.cap
+        if resp.status_code != 200 or (length is not None and length > limit):
+            self._land(flow.id, "not cacheable")
+            return
+        flow.metadata["registry_cache"] = "miss"
+        self.counts["misses"] += 1
+        _comment(flow, "cache miss")
+        if not resp.stream:
+            return  # buffered (a manifest shown in mitmweb): stored in response()
+        upstream, digest = pending.key
+        loop = self.loop or asyncio.get_running_loop()
+
+        def done(outcome: str) -> None:
+            loop.call_soon_threadsafe(self._written, flow.id, pending, outcome)
+
+        writer = WriteBehind(self.store, upstream, digest, max_queued=MAX_QUEUED, done=done)
+        pending.writer = writer
+
+        def stream(chunk: bytes) -> bytes:
+            if chunk:
+                writer.feed(chunk)
+            else:
+                writer.close(length)
+            return chunk
+
+        resp.stream = stream
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        pending = self.pending.get(flow.id)
+        if pending is None or pending.flight is None:
+            self.pending.pop(flow.id, None)
+            return
+        resp = flow.response
+        if pending.writer is None and resp is not None and not resp.stream:
+            if resp.status_code == 200 and resp.raw_content is not None:
+                # A buffered body (mitmweb shows manifests): store it from a thread.
+                upstream, digest = pending.key
+                writer = WriteBehind(
+                    self.store,
+                    upstream,
+                    digest,
+                    max_queued=MAX_QUEUED,
+                    done=lambda outcome: self.loop.call_soon_threadsafe(
+                        self._written, flow.id, pending, outcome
+                    ),
+                )
+                writer.feed(resp.raw_content)
+                writer.close(len(resp.raw_content))
+                pending.writer = writer
+                return
+            self._land(flow.id, "not cacheable")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        pending = self.pending.get(flow.id)
+        if pending is None:
+            return
+        logger.debug(f"registry cache: flow failed ({flow.error}); not cached")
+        if pending.writer is not None:
+            pending.writer.abort()  # its callback lands the flight
+        else:
+            self._land(flow.id, "failed")
+
+    def _land(self, flow_id: str, outcome: str) -> None:
+        pending = self.pending.pop(flow_id, None)
+        if pending is not None and pending.flight is not None:
+            self.flights.finish(pending.key, pending.flight, outcome == "stored")
+
+    def _written(self, flow_id: str, pending: _Pending, outcome: str) -> None:
+        upstream, digest = pending.key
+        logger.debug(f"registry cache: {digest} {outcome}")
+        writer = pending.writer
+        if writer is not None:
+            self.counts["bytes_fetched"] += writer.received
+        if outcome == "stored":
+            self.counts["stored"] += 1
+            path = self.store.path(upstream, digest) if self.store else None
+            if path is not None:
+                try:
+                    self.verified.add(_ident(path))
+                except OSError:
+                    pass
+            # Eviction scans the directory: in a thread, then waiters are let in.
+            task = asyncio.ensure_future(asyncio.to_thread(self._evict))
+            task.add_done_callback(lambda _: self._land(flow_id, outcome))
+            return
+        if outcome == "corrupt":
+            self.counts["rejected"] += 1
+            logger.warning(f"registry cache: {digest} from upstream did not match; not cached")
+        elif outcome.startswith("error:"):
+            self._log_once(outcome, f"registry cache: cannot write ({outcome[6:]}); not caching")
+        self._land(flow_id, outcome)
+
+    def _evict(self) -> None:
+        store, server = self.store, self.server
+        if store is None:
+            return
+        now = time.time()
+        with self.pins_lock:
+            for path, until in list(self.pins.items()):
+                if until < now:
+                    del self.pins[path]
+            pins = set(self.pins)
+
+        def pinned(path: str) -> bool:
+            return path in pins or (server is not None and server.busy(path))
+
+        removed, _ = store.evict(self.cap, pinned)
+        self.counts["evictions"] += removed
+
+    def _served(self, nbytes: int) -> None:
+        self.counts["bytes_served"] += nbytes  # (from a server thread; a counter only)
+
+    def _log_once(self, kind: str, message: str) -> None:
+        if kind not in self.logged_errors:
+            self.logged_errors.add(kind)
+            logger.warning(message)
+
+
+class _Collector:
+    """registry_rewrite_cache_*_total, read from the addon's counters when scraped."""
+
+    METRICS = {
+        "hits": "Requests answered from the cache (after the upstream confirmed access).",
+        "misses": "Requests that fetched a blob upstream for the cache.",
+        "bytes_served": "Bytes the local blob server sent.",
+        "bytes_fetched": "Bytes of missed blobs that passed through to the cache writer.",
+        "evictions": "Blobs removed to stay under registry_cache_max_bytes.",
+    }
+
+    def __init__(self, owner: BlobCache) -> None:
+        self.owner = owner
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, text in self.METRICS.items():
+            yield CounterMetricFamily(
+                f"registry_rewrite_cache_{name}", text, value=self.owner.counts[name]
+            )
+
+
+def _mapped(flow: http.HTTPFlow) -> bool:
+    """Whether the core sent this request upstream under a mapped name."""
+    decision = flow.metadata.get("registry_decision")
+    if decision is not None:
+        return decision == "mapped"
+    # Before the core sets registry_decision: it routed the flow and did not answer it.
+    return "registry_route" in flow.metadata and not flow.metadata.get("registry_answered")
+
+
+def _ident(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return path, st.st_size, st.st_ino
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(MANIFEST_LIMIT + 1)
+    except OSError:
+        return None
+
+
+def _manifest_type(content: bytes) -> str:
+    """A manifest's media type, from the manifest itself (as the registry stored it)."""
+    try:
+        doc = json.loads(content)
+    except ValueError:
+        return "application/octet-stream"
+    if isinstance(doc, dict):
+        if isinstance(doc.get("mediaType"), str):
+            return doc["mediaType"]
+        if doc.get("schemaVersion") == 1:
+            return "application/vnd.docker.distribution.manifest.v1+prettyjws"
+        if "manifests" in doc:
+            return "application/vnd.oci.image.index.v1+json"
+    return "application/vnd.oci.image.manifest.v1+json"
+
+
+def _public_origin(flow: http.HTTPFlow) -> api.Origin:
+    """Where clients reach this proxy, as the core derives it for the token realm."""
+    found = core()
+    return found.public_origin(flow) if found is not None else client_origin(flow)
+
+
+def _comment(flow: http.HTTPFlow, note: str) -> None:
+    flow.comment = f"{flow.comment} · {note}" if flow.comment else note
+
+
+def _redact(flow: http.HTTPFlow) -> None:
+    """Our own answer skips the core's response hooks: keep the credential out of it."""
+    auth = flow.request.headers.get("Authorization")
+    if auth:
+        flow.request.headers["Authorization"] = auth.split(" ", 1)[0] + " <redacted>"

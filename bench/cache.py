@@ -1,0 +1,390 @@
+"""Benchmark of the blob cache (issue 14) behind a WAN-like link.
+
+    .venv/bin/python bench/cache.py              # 64 MiB image, skopeo and ctr (~5 min)
+    .venv/bin/python bench/cache.py --no-ctr --size-mib 16   # quicker
+
+Starts the e2e upstream (test CA, token server, distribution 2.8 with TLS and token
+auth), pushes one image of --size-mib (4 layers of random data) straight into it, and
+puts tests/e2e/throttle.ThrottleRelay in front: --rate bytes/s shared by every
+connection, --delay seconds added to each new connection. Then pulls the image with
+skopeo (into a fresh OCI layout) and ctr (into a fresh containerd each time) through:
+
+- link: the registry over the link, no proxy at all;
+- proxy: mitmdump + the addon, no cache;
+- cache cold / warm: mitmdump + the addon with --set registry_cache_dir (fresh dir);
+- distribution cold / warm: Debian docker-registry with a `proxy:` section (pull-through
+  cache, fresh storage) in front of the same link;
+- 10 concurrent cold skopeo pulls through a fresh cache (bytes over the link);
+
+and measures hit throughput of one cached 1/4-size layer fetched with curl from: nginx
+serving the cache directory (sendfile), the cache's own blob server (the 307 target,
+sendfile), and mitmproxy relaying it (registry_cache_serve=through, the TLS-client path).
+
+Prints a table and writes bench/results/cache.md. Loopback only; every loop bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.e2e.clients import Containerd  # noqa: E402
+from tests.e2e.faultkit import push_image  # noqa: E402
+from tests.e2e.images import build_image  # noqa: E402
+from tests.e2e.proxycheck import RULES  # noqa: E402
+from tests.e2e.regclient import RegistryHTTP  # noqa: E402
+from tests.e2e.throttle import ThrottleRelay  # noqa: E402
+from tests.e2e.upstream import (  # noqa: E402
+    ALICE,
+    LOOPBACK,
+    Mitmdump,
+    Registry,
+    Skopeo,
+    TestCA,
+    TokenServer,
+    default_acl,
+    free_port,
+    wait_for_port,
+)
+
+RESULTS = REPO_ROOT / "bench" / "results" / "cache.md"
+UPSTREAM_REPO = "acme_team/bench/app"
+CLIENT_REPO = "team/bench/app"
+MiB = 1 << 20
+
+
+class PullThroughRegistry(Registry):
+    """distribution 2.8 as a pull-through cache (`proxy:`) of `remote`, plain HTTP, no
+    auth towards its clients; it logs in upstream as alice."""
+
+    def __init__(self, ca: TestCA, remote: str):
+        super().__init__(ca, None, tls=False)
+        self.remote = remote
+
+    def config(self) -> dict:
+        config = super().config()
+        config["proxy"] = {"remoteurl": self.remote, "username": ALICE[0], "password": ALICE[1]}
+        config["log"]["accesslog"] = {"disabled": True}
+        return config
+
+    def start(self, timeout: float = 30.0) -> PullThroughRegistry:
+        self.port = free_port()
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(self.config(), indent=2))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        env["SSL_CERT_FILE"] = str(self.ca.ca_pem)  # trust the upstream's test CA
+        self._launch(["docker-registry", "serve", str(self.config_path)], env, timeout)
+        return self
+
+
+class Bench:
+    def __init__(self, args, stack: contextlib.ExitStack, work: Path):
+        self.args = args
+        self.stack = stack
+        self.work = work
+        self.rows: list[dict] = []
+        self.counter = 0
+
+    def fresh(self, name: str) -> Path:
+        self.counter += 1
+        path = self.work / f"{name}-{self.counter}"
+        path.mkdir(parents=True)
+        return path
+
+    def setup(self) -> None:
+        a = self.args
+        self.ca = TestCA(self.work / "ca").start()
+        self.stack.callback(self.ca.stop)
+        self.tokens = TokenServer(self.ca, default_acl()).start()
+        self.stack.callback(self.tokens.stop)
+        self.registry = Registry(self.ca, self.tokens).start()
+        self.stack.callback(self.registry.cleanup)
+        layer = a.size_mib * MiB // 4
+        self.image = build_image(self.work / "image", layers=4, layer_size=layer)
+        direct = RegistryHTTP(self.registry.url, ALICE, self.ca.client_context(), timeout=300)
+        push_image(direct, UPSTREAM_REPO, self.image, "v1")
+        self.image_bytes = sum(b.size for b in self.image.layers) + self.image.config.size
+        self.link = ThrottleRelay(self.registry.port, rate=a.rate, delay=a.delay).start()
+        self.stack.callback(self.link.stop)
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    def proxy(self, cache: Path | None, *extra: str, tls: bool = False) -> Mitmdump:
+        args = list(extra)
+        if cache is not None:
+            args += ["--set", f"registry_cache_dir={cache}"]
+            args += ["--set", f"registry_cache_port={free_port()}"]
+        m = Mitmdump(self.link.url, self.ca, RULES, tls=tls, extra_args=args).start()
+        self.stack.callback(m.cleanup)
+        return m
+
+    def pull_through(self) -> PullThroughRegistry:
+        r = PullThroughRegistry(self.ca, self.link.url).start()
+        self.stack.callback(r.cleanup)
+        return r
+
+    # -- clients -----------------------------------------------------------------------
+
+    def skopeo(self, host: str, repo: str, *, tls: bool, creds) -> None:
+        skopeo = Skopeo(self.ca, directory=self.fresh("skopeo"))
+        dest = self.fresh("oci")
+        skopeo.copy(
+            f"docker://{host}/{repo}:v1",
+            f"oci:{dest}:x",
+            src_creds=creds,
+            tls_verify=tls,
+            timeout=600,
+        )
+        skopeo.cleanup()
+
+    def ctr(self, host: str, repo: str, *, tls: bool, creds) -> float:
+        with Containerd() as c:
+            if tls:
+                c.configure_host(host, ca=self.ca.ca_pem)
+            else:
+                c.configure_host(host, plain_http=True)
+            start = time.monotonic()
+            c.pull(f"{host}/{repo}:v1", user=":".join(creds) if creds else None, timeout=600)
+            return time.monotonic() - start
+
+    def record(self, client: str, variant: str, seconds: float) -> None:
+        moved = self.link.bytes_down
+        self.rows.append(
+            {
+                "client": client,
+                "variant": variant,
+                "seconds": round(seconds, 3),
+                "link_bytes": moved,
+                "link_x_image": round(moved / self.image_bytes, 2),
+            }
+        )
+        print(f"  {client:7} {variant:22} {seconds:7.2f} s  {moved / MiB:8.1f} MiB over the link")
+
+    def pull(self, client: str, variant: str, host: str, repo: str, tls: bool, creds) -> None:
+        self.link.reset_counts()
+        if client == "skopeo":
+            start = time.monotonic()
+            self.skopeo(host, repo, tls=tls, creds=creds)
+            seconds = time.monotonic() - start
+        else:
+            seconds = self.ctr(host, repo, tls=tls, creds=creds)
+        self.record(client, variant, seconds)
+
+    # -- runs --------------------------------------------------------------------------
+
+    def pulls(self, client: str) -> None:
+        link_host = f"{LOOPBACK}:{self.link.port}"
+        self.pull(client, "link, no proxy", link_host, UPSTREAM_REPO, True, ALICE)
+        p = self.proxy(None)
+        self.pull(client, "proxy, no cache", p.host, CLIENT_REPO, False, ALICE)
+        p.stop()
+        cache = self.fresh("cache")
+        c = self.proxy(cache)
+        self.pull(client, "proxy+cache cold", c.host, CLIENT_REPO, False, ALICE)
+        time.sleep(0.5)  # the last blob's rename
+        self.pull(client, "proxy+cache warm", c.host, CLIENT_REPO, False, ALICE)
+        c.stop()
+        if client == "skopeo":
+            # skopeo with --tls-verify=false tries TLS first, and mitmproxy accepts it: its
+            # warm hits above went to the blob server over TLS (distribution's cache here
+            # is plain HTTP). The same pull with the blob URL in plain HTTP:
+            r = self.proxy(cache, "--set", "registry_cache_serve=redirect")
+            self.pull(client, "proxy+cache warm, http URL", r.host, CLIENT_REPO, False, ALICE)
+            r.stop()
+        if not self.args.no_distribution:
+            d = self.pull_through()
+            self.pull(client, "distribution cold", d.host, UPSTREAM_REPO, False, None)
+            self.pull(client, "distribution warm", d.host, UPSTREAM_REPO, False, None)
+            d.stop()
+
+    def concurrent(self, n: int) -> None:
+        c = self.proxy(self.fresh("cache"))
+        self.link.reset_counts()
+        errors: list[BaseException] = []
+
+        def one() -> None:
+            try:
+                self.skopeo(c.host, CLIENT_REPO, tls=False, creds=ALICE)
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=one) for _ in range(n)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=900)
+        self.record("skopeo", f"{n} concurrent cold", time.monotonic() - start)
+        if errors:
+            raise errors[0]
+        c.stop()
+
+    def hit_throughput(self, reps: int) -> dict[str, list[float]]:
+        """MB/s of one cached layer: nginx (sendfile) vs the blob server vs mitmproxy."""
+        cache = self.fresh("cache")
+        redirect = self.proxy(cache, "--set", "registry_cache_serve=redirect")
+        through = self.proxy(cache, "--set", "registry_cache_serve=through", tls=True)
+        tls_proxy = self.proxy(cache, tls=True)  # serve=auto: 307 to the blob server's TLS
+        big = build_image(self.work / "big", layers=1, layer_size=self.args.hit_mib * MiB)
+        direct = RegistryHTTP(self.registry.url, ALICE, self.ca.client_context(), timeout=300)
+        push_image(direct, UPSTREAM_REPO + "-big", big, "v1")
+        self.hit_blob_size = big.layers[0].size
+        digest = big.layers[0].digest
+        path = f"/v2/{CLIENT_REPO}-big/blobs/{digest}"
+        scopes = [f"repository:{CLIENT_REPO}-big:pull"]
+        client = RegistryHTTP(redirect.url, ALICE, self.ca.client_context(), timeout=300)
+        assert client.request("GET", path, scopes=scopes).status == 200  # the miss
+        time.sleep(0.5)
+        token = client._tokens[tuple(scopes)]
+        tls_client = RegistryHTTP(tls_proxy.url, ALICE, self.ca.client_context(), timeout=300)
+        nginx_port, nginx_tls = free_port(), free_port()
+        conf = self.work / "nginx-static.conf"
+        conf.write_text(
+            f"daemon off; worker_processes 1; pid {self.work}/nginx-static.pid;\n"
+            f"error_log {self.work}/nginx-static.err warn;\n"
+            "events { worker_connections 64; }\n"
+            "http { access_log off; sendfile on; tcp_nopush on;\n"
+            f"  client_body_temp_path {self.work}/nb; proxy_temp_path {self.work}/np;\n"
+            f"  fastcgi_temp_path {self.work}/nf; uwsgi_temp_path {self.work}/nu;\n"
+            f"  scgi_temp_path {self.work}/ns;\n"
+            f"  server {{ listen {LOOPBACK}:{nginx_port}; root {cache}; }}\n"
+            f"  server {{ listen {LOOPBACK}:{nginx_tls}  ssl; root {cache};\n"
+            f"    ssl_certificate {self.ca.cert_pem}; ssl_certificate_key {self.ca.key_pem}; }}\n"
+            "}\n"
+        )
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        conf.write_text(user + conf.read_text())
+        nginx = subprocess.Popen(
+            ["nginx", "-p", str(self.work), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.stack.callback(lambda: (nginx.terminate(), nginx.wait(10)))
+        wait_for_port(nginx_port, timeout=10, proc=nginx)
+        (relpath,) = [
+            str(p.relative_to(cache)) for p in cache.glob(f"*/sha256/{digest.split(':')[1]}")
+        ]
+        speeds: dict[str, list[float]] = {
+            "http: nginx (sendfile), the file": [],
+            "http: blob server (sendfile), the signed URL": [],
+            "http: proxy 307 + blob server (curl -L, incl. authorisation HEAD)": [],
+            "https: nginx, the file": [],
+            "https: blob server TLS, the signed URL": [],
+            "https: proxy 307 + blob server TLS (curl -L, incl. authorisation HEAD)": [],
+            "https: proxy relays it (serve=through, incl. authorisation HEAD)": [],
+        }
+        for _ in range(reps):
+            r = client.request("GET", path, scopes=scopes)
+            assert r.status == 307, r.status
+            r_tls = tls_client.request("GET", path, scopes=scopes)
+            assert r_tls.status == 307 and r_tls.header("Location").startswith("https:")
+            auth = ["-H", f"Authorization: Bearer {token}"]
+            names = list(speeds)
+            ca = ["--cacert", str(self.ca.ca_pem)]
+            urls = {
+                names[0]: (f"http://{LOOPBACK}:{nginx_port}/{relpath}", []),
+                names[1]: (r.header("Location"), []),
+                names[2]: (f"{redirect.url}{path}", ["-L", *auth]),
+                names[3]: (f"https://{LOOPBACK}:{nginx_tls}/{relpath}", ca),
+                names[4]: (r_tls.header("Location"), ca),
+                names[5]: (f"{tls_proxy.url}{path}", ["-L", *ca, *auth]),
+                names[6]: (f"{through.url}{path}", [*ca, *auth]),
+            }
+            for name, (url, headers) in urls.items():
+                out = subprocess.run(
+                    ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{speed_download}"]
+                    + headers
+                    + [url],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=True,
+                ).stdout.split()
+                assert out[0] == "200", (name, out)
+                speeds[name].append(float(out[1]) / 1e6)
+        return speeds
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def report(bench: Bench, speeds: dict[str, list[float]], args) -> str:
+    lines = [
+        "# Blob cache benchmark (bench/cache.py)",
+        "",
+        f"Image: {bench.image_bytes / MiB:.1f} MiB in 4 layers + config. Link: "
+        f"{args.rate / 1e6:g} MB/s shared, {args.delay * 1000:g} ms per new connection "
+        "(tests/e2e/throttle.py), in front of distribution 2.8 (TLS, token auth). "
+        f"Machine: {os.cpu_count()} cores, shared. One run, {_now()}.",
+        "",
+        "| client | variant | seconds | MiB over the link | × image |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in bench.rows:
+        lines.append(
+            f"| {r['client']} | {r['variant']} | {r['seconds']:.2f} | "
+            f"{r['link_bytes'] / MiB:.1f} | {r['link_x_image']:.2f} |"
+        )
+    if speeds:
+        lines += [
+            "",
+            f"Hit throughput, one {bench.hit_blob_size / MiB:.0f} MiB blob, curl, "
+            f"MB/s (median of {len(next(iter(speeds.values())))}; all values):",
+            "",
+            "| served by | median MB/s | all |",
+            "|---|---:|---|",
+        ]
+        for name, values in speeds.items():
+            lines.append(
+                f"| {name} | {statistics.median(values):.0f} | "
+                + ", ".join(f"{v:.0f}" for v in values)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=25e6, help="link bytes/s")
+    ap.add_argument("--delay", type=float, default=0.02, help="seconds per new connection")
+    ap.add_argument("--no-ctr", action="store_true")
+    ap.add_argument("--no-distribution", action="store_true")
+    ap.add_argument("--concurrent", type=int, default=10)
+    ap.add_argument("--hit-reps", type=int, default=5)
+    ap.add_argument("--hit-mib", type=int, default=128, help="blob size for hit throughput")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp, contextlib.ExitStack() as s:
+        bench = Bench(args, s, Path(tmp))
+        bench.setup()
+        print(f"image {bench.image_bytes / MiB:.1f} MiB; pulls:")
+        bench.pulls("skopeo")
+        if not args.no_ctr:
+            bench.pulls("ctr")
+        if args.concurrent:
+            bench.concurrent(args.concurrent)
+        speeds = bench.hit_throughput(args.hit_reps) if args.hit_reps else {}
+        text = report(bench, speeds, args)
+    print(text)
+    if not args.no_write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(text)
+        print(f"written to {RESULTS.relative_to(REPO_ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

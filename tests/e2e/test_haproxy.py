@@ -1,0 +1,503 @@
+"""Scale-out: real HAProxy (Debian's) terminating TLS in front of 3 mitmdump replicas.
+
+HAProxy runs deploy/haproxy.cfg itself, with the addresses filled in through the
+environment variables the file documents (RR_BIND, RR_CERT, RR_REPLICA1-3, RR_STATS).
+The replicas speak plain HTTP, trust 127.0.0.1 for X-Forwarded-*, and share one rules
+directory laid out as the kubelet lays out a ConfigMap volume (rules.yaml -> ..data/ ->
+a timestamped directory), so the rules edit below is the same ..data symlink swap a
+`kubectl apply` of the ConfigMap makes.
+
+Which replica served what comes from HAProxy's own log (`option httplog`, one line per
+request naming the server); its stats CSV gives retries and redispatches. Run with
+`pytest -s` to see the figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.clients import CONTAINERD_TOOLS, Containerd, require_tools
+from tests.e2e.conftest import require_tool
+from tests.e2e.faultkit import pull_image, push_image
+from tests.e2e.images import ACCEPT_MANIFESTS, fetch_manifest
+from tests.e2e.proxycheck import assert_only_upstream_names
+from tests.e2e.regclient import parse_challenge
+from tests.e2e.upstream import (
+    ALICE,
+    BOB,
+    LOOPBACK,
+    REPO_ROOT,
+    LaunchError,
+    TestCA,
+    _read_text,
+    _stop_process,
+    free_port,
+    wait_for_port,
+)
+
+HAPROXY_CFG = REPO_ROOT / "deploy" / "haproxy.cfg"
+REPLICAS = 3
+RULES = """
+token_path: /auth
+unmatched: deny
+rules:
+  - client: "team/{r:path}"
+    upstream: "acme_team/{r:path}"
+"""
+# The edit: the same upstream names under another client prefix.
+EDITED_RULES = RULES.replace('"team/{r:path}"', '"renamed/{r:path}"')
+
+# Kill test: concurrent pulls of distinct images, a replica SIGKILLed a third of the way.
+KILL_PULLS = 36
+KILL_WORKERS = 6
+KILL_AFTER = 12  # pulls completed before the kill
+SKOPEO_EVERY = 6  # every 6th pull is a real skopeo pull, the others raw HTTP
+ROUND_TIMEOUT = 180.0  # seconds for the whole round
+
+_SYNC = "e2e-log-sync"
+# HAProxy `option httplog` line (log-format %ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta
+# %ST %B %CC %CS %tsc %ac/%fc/%bc/%sc/%rc %sq/%bq %hr %hs %{+Q}r).
+_LOG_LINE = re.compile(
+    r"^\S+ \[[^\]]+\] \S+ (?P<backend>[^/\s]+)/(?P<server>\S+) \S+ (?P<status>-?\d+) "
+    r"\S+ \S+ \S+ \S+ \S+/\S+/\S+/\S+/\+?(?P<retries>\d+) .*\"(?P<method>\S+) "
+    r"(?P<uri>\S+) HTTP/[\d.]+\"$"
+)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    server: str
+    status: int
+    retries: int
+    method: str
+    uri: str
+
+    @property
+    def path(self) -> str:
+        return self.uri.split("?", 1)[0]
+
+
+class HAProxy:
+    """`haproxy -f deploy/haproxy.cfg` with its RR_* variables pointing at loopback."""
+
+    def __init__(self, ca: TestCA, replicas: list[str]):
+        self.ca = ca
+        self.replicas = replicas
+        self.dir = Path(tempfile.mkdtemp(prefix="e2e-haproxy-"))
+        self.log_path = self.dir / "haproxy.log"
+        self.port = 0
+        self.stats_port = 0
+        self.proc: subprocess.Popen | None = None
+        self._mark = 0
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            RR_BIND=f"{LOOPBACK}:{self.port}",
+            RR_CERT=str(self.ca.combined_pem),  # HAProxy takes key and chain in one PEM
+            RR_STATS=f"{LOOPBACK}:{self.stats_port}",
+        )
+        for i, address in enumerate(self.replicas, 1):
+            env[f"RR_REPLICA{i}"] = address
+        return env
+
+    def start(self, timeout: float = 20.0) -> HAProxy:
+        self.port, self.stats_port = free_port(), free_port()
+        check = subprocess.run(
+            ["haproxy", "-c", "-f", str(HAPROXY_CFG)],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["haproxy", "-f", str(HAPROXY_CFG)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+            )
+        try:
+            for port in (self.port, self.stats_port):
+                wait_for_port(port, timeout=timeout, proc=self.proc, describe=self.log_text)
+        except LaunchError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        _stop_process(self.proc)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_text(self) -> str:
+        return _read_text(self.log_path)
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """The stats CSV rows of backend `replicas`, by server name (and BACKEND)."""
+        url = f"http://{LOOPBACK}:{self.stats_port}/stats;csv"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode().lstrip("# ")
+        return {
+            row["svname"]: row
+            for row in csv.DictReader(io.StringIO(text))
+            if row["pxname"] == "replicas"
+        }
+
+    def wait_states(self, want: dict[str, str], timeout: float = 30.0) -> dict:
+        """Wait until each named server's status starts with the wanted one (UP, DOWN)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            states = {name: stats[name]["status"] for name in want}
+            if all(states[n].startswith(s) for n, s in want.items()):
+                return stats
+            if time.monotonic() > deadline:
+                raise AssertionError(f"servers {states}, wanted {want}\n{self.log_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def _sync_log(self, timeout: float = 10.0) -> None:
+        """Make sure every request HAProxy finished so far is in its log.
+
+        HAProxy logs a request when it ends, possibly just after the client has read the
+        answer: a marker request sent after those, once logged, shows they are too.
+        """
+        marker = uuid.uuid4().hex
+        url = f"{self.url}/livez?{_SYNC}={marker}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout, context=self.ca.client_context()):
+                pass
+        except urllib.error.HTTPError:
+            pass  # any answer will do: it is logged all the same
+        deadline = time.monotonic() + timeout
+        while marker not in self.log_text():
+            if time.monotonic() > deadline:
+                raise TimeoutError("HAProxy's log did not show the sync request")
+            time.sleep(0.05)
+
+    def entries(self, *, since_mark: bool = False) -> list[LogEntry]:
+        """Requests HAProxy sent to the replicas, in the order they ended."""
+        self._sync_log()
+        text = self.log_text()
+        if since_mark:
+            text = text[self._mark :]
+        found = []
+        for line in text.splitlines():
+            m = _LOG_LINE.match(line)
+            if m and m.group("backend") == "replicas" and _SYNC not in m.group("uri"):
+                found.append(
+                    LogEntry(
+                        m.group("server"),
+                        int(m.group("status")),
+                        int(m.group("retries")),
+                        m.group("method"),
+                        m.group("uri"),
+                    )
+                )
+        return found
+
+    def mark(self) -> None:
+        """Remember the end of the log, for `entries(since_mark=True)`."""
+        self._sync_log()
+        self._mark = len(self.log_text())
+
+
+class ConfigMapDir:
+    """A directory as the kubelet keeps a ConfigMap volume: each key is a symlink to
+    ..data/KEY, ..data a symlink to a timestamped directory; an update writes a new
+    directory and renames a new ..data link over the old one (atomic)."""
+
+    def __init__(self, root: Path, files: dict[str, str]):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.update(files)
+
+    def update(self, files: dict[str, str]) -> None:
+        data = self.root / "..data"
+        old = os.readlink(data) if data.is_symlink() else None
+        version = self.root / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+        version.mkdir()
+        for name, text in files.items():
+            (version / name).write_text(text)
+        tmp = self.root / "..data_tmp"
+        tmp.symlink_to(version.name)
+        os.replace(tmp, data)
+        for name in files:
+            link = self.root / name
+            if not link.is_symlink():
+                link.symlink_to(f"..data/{name}")
+        if old is not None:
+            shutil.rmtree(self.root / old)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+@dataclass
+class Cluster:
+    haproxy: HAProxy
+    replicas: list  # Mitmdump, in HAProxy's order replica1..3
+    rules: ConfigMapDir
+
+
+@pytest.fixture
+def cluster(request, ca, registry, proxy, tmp_path):
+    require_tool("haproxy")
+    rules = ConfigMapDir(tmp_path / "rules", {"rules.yaml": RULES})
+    replicas = [
+        proxy(
+            rules_file=rules.path("rules.yaml"),
+            extra_args=["--set", f"registry_trusted_proxies={LOOPBACK}/32"],
+        )
+        for _ in range(REPLICAS)
+    ]
+    ha = HAProxy(ca, [r.host for r in replicas]).start()
+    try:
+        ha.wait_states({f"replica{i}": "UP" for i in range(1, REPLICAS + 1)})
+        yield Cluster(ha, replicas, rules)
+    finally:
+        ha.stop()
+        failed = getattr(request.node, "rep_call", None)
+        if failed is None or failed.failed:
+            print("----- haproxy log (last 100 lines) -----")
+            print("\n".join(ha.log_text().splitlines()[-100:]))
+        ha.cleanup()
+
+
+@pytest.fixture
+def containerd(registry):
+    require_tools(*CONTAINERD_TOOLS)
+    with Containerd() as c:
+        yield c
+
+
+def _replica_counts(entries: list[LogEntry]) -> dict[str, int]:
+    counts = Counter(e.server for e in entries)
+    return {f"replica{i}": counts.get(f"replica{i}", 0) for i in range(1, REPLICAS + 1)}
+
+
+def _print_figures(title: str, figures: dict) -> None:
+    print(f"\n[haproxy] {title}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+def test_realm_names_the_load_balancer(cluster, http_client):
+    """Behind HAProxy the replicas advertise https://LB/auth (X-Forwarded-* from a trusted
+    peer), whichever replica answers; the replica's own http://127.0.0.1:PORT never."""
+    ha = cluster.haproxy
+    client = http_client(ha.url)
+    for _ in range(REPLICAS):
+        r = client.raw("GET", f"{ha.url}/v2/")
+        assert r.status == 401, (r.status, r.body)
+        scheme, params = parse_challenge(r.header("WWW-Authenticate") or "")
+        assert (scheme, params.get("realm")) == ("bearer", f"{ha.url}/auth")
+    # Straight to a replica (no forwarded headers) the realm is the replica itself.
+    direct = cluster.replicas[0]
+    r = http_client(direct.url).raw("GET", f"{direct.url}/v2/")
+    assert parse_challenge(r.header("WWW-Authenticate") or "")[1]["realm"] == f"{direct.url}/auth"
+    # The three requests through HAProxy went one to each replica.
+    assert _replica_counts(ha.entries()) == {f"replica{i}": 1 for i in range(1, REPLICAS + 1)}
+
+
+def test_skopeo_and_ctr_pull_and_push_through_haproxy(
+    cluster,
+    registry,
+    token_server,
+    skopeo,
+    containerd,
+    ca,
+    make_image,
+    http_client,
+    unique,
+    tmp_path,
+):
+    ha = cluster.haproxy
+    repo, up_repo = f"team/ha-{unique}/app", f"acme_team/ha-{unique}/app"
+    image = make_image(layers=4, layer_size=20_000)
+    dest = f"docker://{ha.host}/{repo}"
+    direct = http_client(registry.url, ALICE)
+
+    # skopeo push (verifying HAProxy's certificate with the test CA)
+    registry.mark()
+    skopeo.copy(image.ref, f"{dest}:1", dest_creds=ALICE, tls_verify=True)
+    assert fetch_manifest(direct, up_repo, "1").digest == image.digest
+    assert_only_upstream_names(registry.access_log(since_mark=True), up_repo)
+
+    # skopeo pull: one token, fetched through one replica, used at the others
+    ha.mark()
+    token_server.clear_requests()
+    out = tmp_path / "pulled"
+    skopeo.copy(f"{dest}:1", f"oci:{out}:x", src_creds=ALICE, tls_verify=True)
+    assert (out / "index.json").read_text().count(image.digest) == 1
+    entries = ha.entries(since_mark=True)
+    pull_counts = _replica_counts(entries)
+    assert sum(1 for n in pull_counts.values() if n) >= 2, pull_counts
+    tokens = [e for e in entries if e.path == "/auth"]
+    assert len(tokens) == 1 and tokens[0].status == 200, tokens
+    assert [(r.status, r.scopes) for r in token_server.requests()] == [
+        (200, (f"repository:{up_repo}:pull",))
+    ]
+    authenticated = [
+        e for e in entries if e.status == 200 and ("/manifests/" in e.path or "/blobs/" in e.path)
+    ]
+    assert len(authenticated) == 1 + 1 + len(image.layers), entries  # manifest, config, layers
+    elsewhere = [e for e in authenticated if e.server != tokens[0].server]
+    assert elsewhere, f"every authenticated request went to {tokens[0].server}: {entries}"
+
+    # ctr pull (bob) and push of a new tag (alice), OAuth2 POST tokens through HAProxy
+    containerd.configure_host(ha.host, ca=ca.ca_pem)
+    ha.mark()
+    registry.mark()
+    containerd.pull(f"{ha.host}/{repo}:1", user=":".join(BOB))
+    assert containerd.image_digest(f"{ha.host}/{repo}:1") == image.digest
+    containerd.tag(f"{ha.host}/{repo}:1", f"{ha.host}/{repo}:2")
+    containerd.push(f"{ha.host}/{repo}:2", user=":".join(ALICE))
+    assert fetch_manifest(direct, up_repo, "2").digest == image.digest
+    assert_only_upstream_names(registry.access_log(since_mark=True), up_repo)
+    ctr_entries = ha.entries(since_mark=True)
+    ctr_counts = _replica_counts(ctr_entries)
+    assert sum(1 for n in ctr_counts.values() if n) >= 2, ctr_counts
+    assert ("PUT", 201) in {(e.method, e.status) for e in ctr_entries if "/manifests/" in e.path}
+    assert any(e.method == "POST" and e.path == "/auth" for e in ctr_entries), ctr_entries
+    _print_figures("skopeo pull, requests per replica", pull_counts)
+    _print_figures("ctr pull + push, requests per replica", ctr_counts)
+
+
+@pytest.mark.slow
+def test_replica_killed_during_concurrent_pulls(
+    cluster, registry, skopeo, make_image, http_client, unique, tmp_path
+):
+    ha = cluster.haproxy
+    direct = http_client(registry.url, ALICE)
+    images = [make_image(layers=2, layer_size=8192) for _ in range(KILL_PULLS)]
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda ix: push_image(direct, f"acme_team/ha-{unique}/p{ix[0]}", ix[1], tag="1"),
+                enumerate(images),
+            )
+        )
+    victim = cluster.replicas[1]  # replica2
+    done = threading.Event()
+    lock = threading.Lock()
+    completed: list[int] = []
+    errors: list[str] = []
+
+    def pull(i: int) -> None:
+        repo = f"team/ha-{unique}/p{i}"
+        if i % SKOPEO_EVERY == 0:
+            out = tmp_path / f"pull-{i}"
+            skopeo.copy(f"docker://{ha.host}/{repo}:1", f"oci:{out}:x", src_creds=ALICE)
+            digest = (
+                images[i].digest if images[i].digest in (out / "index.json").read_text() else "?"
+            )
+        else:
+            digest, _ = pull_image(http_client(ha.url, ALICE), repo, "1")
+        if digest != images[i].digest:
+            raise AssertionError(f"p{i}: got {digest}, want {images[i].digest}")
+        with lock:
+            completed.append(i)
+            if len(completed) >= KILL_AFTER:
+                done.set()
+
+    ha.mark()
+    started = time.monotonic()
+    with ThreadPoolExecutor(KILL_WORKERS) as pool:
+        futures = {pool.submit(pull, i): i for i in range(KILL_PULLS)}
+        assert done.wait(ROUND_TIMEOUT), "the first pulls never completed"
+        victim.proc.kill()  # SIGKILL: no goodbye, connections reset mid-round
+        killed_at = len(completed)
+        for f in as_completed(futures, timeout=ROUND_TIMEOUT):
+            try:
+                f.result()
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                errors.append(f"p{futures[f]}: {e}")
+    elapsed = time.monotonic() - started
+    victim.proc.wait(timeout=10)
+
+    stats = ha.wait_states({"replica2": "DOWN", "replica1": "UP", "replica3": "UP"})
+    entries = ha.entries(since_mark=True)
+    counts = _replica_counts(entries)
+    figures = {
+        "pulls": KILL_PULLS,
+        "completed": len(completed),
+        "failures": len(errors),
+        "killed after": killed_at,
+        "requests": len(entries),
+        **counts,
+        "retries": stats["BACKEND"]["wretr"],
+        "redispatches": stats["BACKEND"]["wredis"],
+        "non-2xx": sum(1 for e in entries if not 200 <= e.status < 300 and e.status != 401),
+        "seconds": round(elapsed, 1),
+    }
+    _print_figures("replica2 killed during concurrent pulls", figures)
+    assert not errors, errors
+    assert len(completed) == KILL_PULLS
+    assert all(counts.values()), counts  # each replica served part of the round
+    # What clients got: only answers, never a 5xx from HAProxy for the dead replica.
+    assert not [e for e in entries if e.status >= 500 or e.status < 0], entries
+
+
+def test_rules_edit_reaches_every_replica(cluster, registry, http_client, make_image, unique):
+    ha = cluster.haproxy
+    image = make_image(layers=1, layer_size=4096)
+    push_image(http_client(registry.url, ALICE), f"acme_team/ha-{unique}/edit", image, tag="1")
+    old, new = f"team/ha-{unique}/edit", f"renamed/ha-{unique}/edit"
+
+    def status(replica, name: str) -> int | str:
+        """200, or the registry error code the replica (or the upstream) answered."""
+        client = http_client(replica.url, ALICE)
+        r = client.request("GET", f"/v2/{name}/manifests/1", headers={"Accept": ACCEPT_MANIFESTS})
+        return 200 if r.status == 200 else r.json()["errors"][0]["code"]
+
+    assert [status(r, old) for r in cluster.replicas] == [200] * REPLICAS
+    assert [status(r, new) for r in cluster.replicas] == ["NAME_UNKNOWN"] * REPLICAS
+
+    cluster.rules.update({"rules.yaml": EDITED_RULES})  # the kubelet's ..data swap
+    edited_at = time.monotonic()
+    deadline = edited_at + 20
+    pending = set(range(REPLICAS))
+    while pending and time.monotonic() < deadline:
+        pending = {i for i in pending if status(cluster.replicas[i], new) != 200}
+        time.sleep(0.2)
+    took = time.monotonic() - edited_at
+    assert not pending, f"replicas {sorted(i + 1 for i in pending)} kept the old rules"
+    assert [status(r, old) for r in cluster.replicas] == ["NAME_UNKNOWN"] * REPLICAS
+    for r in cluster.replicas:
+        assert "reloaded 1 rules" in r.log_text()
+    # And through the load balancer, on every replica in turn.
+    ha.mark()
+    for _ in range(REPLICAS * 2):
+        digest, _ = pull_image(http_client(ha.url, ALICE), new, "1")
+        assert digest == image.digest
+    counts = _replica_counts(ha.entries(since_mark=True))
+    assert all(counts.values()), counts
+    _print_figures("rules edit", {"replicas reloaded": REPLICAS, "seconds": round(took, 1)})
