@@ -309,7 +309,7 @@ TARGETS = [
     (registry_rewrite, "token_shortfall"),
     (registry_rewrite.RegistryRewrite, "_learn_realm"),
     (registry_rewrite.RegistryRewrite, "_catalog_cursor"),
-    (registry_rewrite.RegistryRewrite, "_public"),
+    (registry_rewrite.RegistryRewrite, "public_origin"),
     (registry_rewrite.RegistryRewrite, "_answer_ping"),
 ]
 

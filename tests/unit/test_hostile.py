@@ -404,7 +404,7 @@ def _names_left(text: str) -> bool:
     rest = _URL.sub(lambda m: m.group(0) if m.group(1).lower() in _OURS else "", text)
 
     # A client name may itself hold an "acme_team" component (team/{r:path}).
-    rest = re.sub(r"/v2/team/\S*?/(?=manifests/|blobs/|tags/|referrers/)", "/v2/<client>/", rest)
+    rest = re.sub(r"/v2/team/\S*/(?=manifests/|blobs/|tags/|referrers/)", "/v2/<client>/", rest)
     return "acme_team" in unquote(rest) or "auth.upstream.test" in rest
 
 
@@ -412,9 +412,9 @@ def _no_query(name: str, value: str) -> str:
     """A URL header without its query strings: the upstream's own opaque state (an
     upload's _state), passed on as it is (_catalog's `last` is checked elsewhere)."""
     if name.lower() == "location":
-        return value.split("?", 1)[0]
+        return re.split(r"[?#]", value, maxsplit=1)[0]
     if name.lower() == "link":
-        return re.sub(r"\?[^>]*", "", value)
+        return re.sub(r"[?#][^>]*", "", value)
     return value
 
 
@@ -431,7 +431,10 @@ def _unplaceable(value: str) -> bool:
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300,
+    deadline=None,
+    derandomize=True,  # the same examples in every CI run: a failure is a finding, not noise
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     hostile_values,
