@@ -16,6 +16,7 @@ import binascii
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import traceback
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 RELOAD_INTERVAL = 1.0  # seconds between looks at the rules file
 RULES_FILE_MAX = 4 << 20  # a rules file larger than this is refused, not read
 CATALOG_CURSORS = 1024  # opaque _catalog cursors remembered (see _catalog_cursor)
+ISSUED_TOKENS = 4096  # which upstream issued a token, for the newest ones handed out
 TOKEN_WORKERS = 8  # concurrent token fetches; more wait (up to registry_token_timeout)
 # Bodies up to this size are rewritten on the event loop; larger ones (up to the 4 MiB
 # cap) in a worker thread, so no JSON work blocks other flows for long.
@@ -83,6 +85,9 @@ class RegistryRewrite:
         self.token_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.work_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.failures_logged: set[tuple[str, str]] = set()
+        # Which upstream issued each token this proxy handed out, by sha256 (no token is
+        # kept): a token never goes to another upstream's registry.
+        self.issued: OrderedDict[bytes, str] = OrderedDict()
         # Credentials of the flows in memory, for replays in this process (weak keys:
         # they go when mitmweb or the console drops the flow).
         self.replay_secrets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -342,6 +347,7 @@ class RegistryRewrite:
             k.lower() == b"authorization" and v[:6].lower() == b"basic "
             for k, v in flow.request.headers.fields
         )
+        foreign = len(rules.upstreams) > 1 and self._foreign_bearer(flow, rules, upstream)
         meta = flow.metadata
         # From here on nothing can fail: plain assignments of checked values.
         req = flow.request
@@ -349,7 +355,7 @@ class RegistryRewrite:
         # upstream (so a person reads, edits and replays it in client names).
         meta["registry_client_target"] = req.path
         meta["registry_upstream_target"] = d.target
-        if basic:
+        if basic or foreign:
             del req.headers["Authorization"]
         if origin != default:
             req.scheme, req.host, req.port = origin.scheme, origin.host, origin.port
@@ -366,7 +372,51 @@ class RegistryRewrite:
         if d.mirror is not None:
             meta["registry_mirror"] = d.mirror
         if d.comment:
-            flow.comment = d.comment + (" · client's Basic credentials withheld" if basic else "")
+            withheld = (
+                " · client's Basic credentials withheld"
+                if basic
+                else f" · token of upstream {foreign} withheld"
+                if foreign
+                else ""
+            )
+            flow.comment = d.comment + withheld
+
+    def _foreign_bearer(self, flow: http.HTTPFlow, rules: Rules, upstream) -> str | None:
+        """The key of the upstream whose token service issued this request's Bearer token,
+        when that is another upstream than the one the request goes to: a token goes
+        only to the registry it is for. Known for the tokens this proxy handed out; else
+        from a JWT's audience, when it names another upstream's service."""
+        authorization = flow.request.headers.get("Authorization", "")
+        if authorization[:7].lower() != "bearer ":
+            return None
+        token = authorization[7:].strip()
+        issuer = self.issued.get(hashlib.sha256(token.encode("latin-1", "replace")).digest())
+        if issuer is None:
+            claims = (_bearer_info(authorization) or {}).get("claims") or {}
+            audience = claims.get("aud")
+            audiences = {audience} if isinstance(audience, str) else set(audience or ())
+            services = {u.key: self._realm_of(u)[1] for u in rules.upstreams}
+            if services.get(upstream.key) in audiences or not audiences:
+                return None
+            issuer = next((k for k, s in services.items() if s and s in audiences), None)
+        return issuer if issuer is not None and issuer != upstream.key else None
+
+    def _record_issued(self, body: bytes, key: str) -> None:
+        """Remember which upstream issued the tokens of a token response (by hash)."""
+        if len(body) > 64 << 10:
+            return
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        for field in ("token", "access_token"):
+            token = doc.get(field)
+            if isinstance(token, str):
+                self.issued[hashlib.sha256(token.encode("latin-1", "replace")).digest()] = key
+        while len(self.issued) > ISSUED_TOKENS:
+            self.issued.popitem(last=False)
 
     def _keep_for_replay(self, flow: http.HTTPFlow, what: str, secret: str | None) -> None:
         """Keep a credential in memory, for a replay of this flow in this process; never
@@ -535,6 +585,7 @@ class RegistryRewrite:
             marked = ":warning:"
             comment += f" · token service answered {reply.status}"
         else:
+            self._record_issued(reply.body, upstream.key)
             shortfall = token_shortfall(reply.body, plan.mapped)
             if shortfall:
                 comment += f" · not granted: {' '.join(shortfall)}"

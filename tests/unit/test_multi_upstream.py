@@ -327,3 +327,37 @@ def test_ping_answer_caps_the_request_body(addon, auth):
     assert f.response is not None
     assert f.metadata[patches.REQUEST_CAP] == decide.REQUEST_BODY_CAP
     assert "Expect" not in f.request.headers
+
+
+async def test_a_token_goes_only_to_the_registry_it_is_for(addon, monkeypatch):
+    fake = FakeRealm()
+    monkeypatch.setattr(realm, "fetch", fake)
+    addon.learned["hub"] = ("https://auth.hub.test/token", "hub-service")
+    f = flow("/auth?scope=repository:hub/nginx:pull")
+    addon.requestheaders(f)
+    await addon.request(f)
+    assert f.response.status_code == 200  # the token "t", issued by hub's token service
+    to_default = flow("/v2/team/app/manifests/1", headers=[("Authorization", "Bearer t")])
+    addon.requestheaders(to_default)
+    assert to_default.response is None and "Authorization" not in to_default.request.headers
+    assert "token of upstream hub withheld" in to_default.comment
+    to_hub = flow("/v2/hub/nginx/manifests/1", headers=[("Authorization", "Bearer t")])
+    addon.requestheaders(to_hub)
+    assert to_hub.request.headers["Authorization"] == "Bearer t"
+
+
+def test_a_jwt_for_another_upstreams_service_is_withheld(addon):
+    from tests.unit.test_contentview import claims, make_jwt
+
+    addon.learned["default"] = ("https://auth.default.test/token", "default-service")
+    token = make_jwt(claims([], aud="hub-service"))
+    f = flow("/v2/team/app/manifests/1", headers=[("Authorization", f"Bearer {token}")])
+    addon.requestheaders(f)
+    assert "Authorization" not in f.request.headers
+    f = flow("/v2/hub/nginx/manifests/1", headers=[("Authorization", f"Bearer {token}")])
+    addon.requestheaders(f)
+    assert f.request.headers["Authorization"] == f"Bearer {token}"
+    own = make_jwt(claims([], aud="default-service"))
+    f = flow("/v2/team/app/manifests/1", headers=[("Authorization", f"Bearer {own}")])
+    addon.requestheaders(f)
+    assert f.request.headers["Authorization"] == f"Bearer {own}"
