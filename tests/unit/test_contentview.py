@@ -19,6 +19,7 @@ from regrewrite import contentview as cv
 from regrewrite import realm
 from regrewrite.contentview import Message, RegistryContentview, render
 from regrewrite.rules import parse_rules
+from tests.unit.test_addon import flow
 
 RULES = """
 token_path: /auth
@@ -575,20 +576,7 @@ def test_live_request_with_raw_bearer_header(view):
 
 
 def addon_flow(path, method="GET", headers=()):
-    req = tutils.treq(
-        method=method.encode(),
-        scheme=b"https",
-        host="upstream.test",
-        port=443,
-        path=path.encode(),
-        headers=[(b"host", b"upstream.test")] + [(k.encode(), v.encode()) for k, v in headers],
-        content=b"",
-    )
-    f = tflow.tflow(req=req)
-    f.client_conn.sockname = ("127.0.0.1", 5000)
-    f.client_conn.tls = False
-    f.client_conn.timestamp_tls_setup = None
-    return f
+    return flow(path, method, headers=headers)
 
 
 def test_load_registers_the_view_and_done_removes_it(tctx, addon):

@@ -6,10 +6,11 @@ import logging
 
 import pytest
 from mitmproxy.http import Response
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import taddons, tflow
 
 import registry_rewrite
 from regrewrite.addons.decisionlog import DecisionLog, format_line
+from tests.unit.test_addon import flow
 
 RULES = """
 token_path: /auth
@@ -34,16 +35,7 @@ def dctx(log):
 
 
 def make_flow(path, method="GET", status=404, content=b"", headers=(), metadata=None):
-    req = tutils.treq(
-        method=method.encode(),
-        scheme=b"https",
-        host="upstream.test",
-        port=443,
-        path=path.encode(),
-        headers=[(b"host", b"upstream.test")] + [(k.encode(), v.encode()) for k, v in headers],
-        content=b"",
-    )
-    f = tflow.tflow(req=req)
+    f = flow(path, method, headers=headers)
     f.response = Response.make(status, content, {"Content-Type": "application/json"})
     f.metadata.update(metadata or {})
     return f

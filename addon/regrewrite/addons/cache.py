@@ -80,7 +80,6 @@ class BlobCache:
         self.server: BlobServer | None = None
         self.signer: Signer | None = None
         self.cap = 0
-        self.tls = realm.tls_context(False, None, None)
         self.grants = Grants(ttl=30.0)
         self.flights = Flights()
         self.pending: dict[str, _Pending] = {}
@@ -145,16 +144,6 @@ class BlobCache:
             if ctx.options.registry_cache_grant_seconds < 0:
                 raise exceptions.OptionsError("registry_cache_grant_seconds must be >= 0")
             self.grants = Grants(ttl=float(ctx.options.registry_cache_grant_seconds))
-        if updated & {
-            "ssl_insecure",
-            "ssl_verify_upstream_trusted_ca",
-            "ssl_verify_upstream_trusted_confdir",
-        }:
-            self.tls = realm.tls_context(
-                ctx.options.ssl_insecure,
-                ctx.options.ssl_verify_upstream_trusted_ca,
-                ctx.options.ssl_verify_upstream_trusted_confdir,
-            )
         if updated & {"registry_cache_dir", "registry_cache_port", "listen_host"}:
             self._open(ctx.options.registry_cache_dir)
 
@@ -300,7 +289,7 @@ class BlobCache:
             headers.append(("Accept", accept))
         try:
             reply = await asyncio.to_thread(
-                realm.fetch, "HEAD", url, headers, None, self.tls, AUTH_TIMEOUT
+                realm.fetch, "HEAD", url, headers, None, _tls_for_upstreams(), AUTH_TIMEOUT
             )
         except realm.RealmUnreachable as e:
             logger.info(f"registry cache: cannot confirm access to {name}: {e}")
@@ -631,6 +620,12 @@ def _manifest_type(content: bytes) -> str:
         if "manifests" in doc:
             return "application/vnd.oci.image.index.v1+json"
     return "application/vnd.oci.image.manifest.v1+json"
+
+
+def _tls_for_upstreams():
+    """The core's TLS context for upstreams (mitmproxy's ssl_* options, built once)."""
+    found = core()
+    return found.tls if found is not None else realm.tls_context(False, None, None)
 
 
 def _public_origin(flow: http.HTTPFlow) -> api.Origin:
