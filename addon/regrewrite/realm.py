@@ -53,7 +53,7 @@ def fetch(
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    where = f"{parts.hostname}:{parts.port or ''}"
+    where = parts.hostname + (f":{parts.port}" if parts.port else "")
     for attempt in range(2):
         conn = _take_idle(key) if attempt == 0 else None
         reused = conn is not None

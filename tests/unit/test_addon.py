@@ -505,3 +505,34 @@ def test_overlapping_rules_load_and_are_logged_as_aliases(tctx, addon, tmp_path,
         tctx.configure(addon, registry_rules=str(rules_file))
     assert addon.rules.route("hub/library/nginx").name == "library/nginx"
     assert "rule 2 (hub/{org}/{name} -> {org}/{name}) is an alias of rule 1" in caplog.text
+
+
+async def test_unreachable_pinned_realm_names_both_realms_and_the_fix(
+    tctx, addon, monkeypatch, rules_file
+):
+    # issue 15: a pinned realm (e.g. Aliyun's, copied from an example) that differs from
+    # the one the upstream advertises and cannot be reached.
+    rules_file.write_text("upstream:\n  realm: https://pinned.test/auth\n" + RULES)
+    await addon.reload_rules()
+    monkeypatch.setattr(realm, "fetch", FakeRealm(realm.RealmUnreachable("refused")))
+    addon.learned["default"] = (UPSTREAM_REALM, None)
+    f = flow("/auth?scope=repository:team/app:pull")
+    addon.requestheaders(f)
+    await addon.request(f)
+    status, code, _ = error_of(f)
+    assert (status, code) == (502, "UNAVAILABLE")
+    assert "pinned.test" in f.comment and UPSTREAM_REALM in f.comment
+    assert "remove 'realm' from the rules" in f.comment
+
+
+def test_unreachable_realm_message_has_no_stray_colons(monkeypatch):
+    # issue 15 saw "dockerauth.cn-hangzhou.aliyuncs.com:: [Errno -2]" for a port-less URL.
+    import http.client
+
+    def refuse(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(http.client.HTTPConnection, "request", refuse)
+    with pytest.raises(realm.RealmUnreachable) as e:
+        realm.fetch("GET", "http://auth.test/token", [], None, None, 5)
+    assert str(e.value) == "auth.test: [Errno -2] Name or service not known"

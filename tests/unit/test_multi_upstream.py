@@ -156,6 +156,8 @@ def test_ping_is_answered_by_the_proxy(addon):
     assert f.response.status_code == 401
     (c,) = parse_challenges(f.response.headers["WWW-Authenticate"])
     assert c.get("realm") == "http://127.0.0.1:5000/auth"
+    assert f.comment == "auth: 401 challenge"  # as the README promises (issue 15)
+    assert f.metadata["registry_decision"] == "answered"
     g = flow("/v2/", headers=[("Authorization", "Bearer abc")])
     addon.requestheaders(g)
     assert g.response.status_code == 200
