@@ -88,7 +88,7 @@ def decide_request(
 ) -> tuple[str, Decision]:
     """(endpoint label, decision) for a client request whose target is ``target``."""
     path, query = api.split_target(target)
-    if not _ascii(target):
+    if not target.isascii():
         # Raw bytes outside ASCII are not a valid request target (RFC 3986); mapping
         # part of one and forwarding the rest would be the half-rewrite we never do.
         return "other", Refusal(400, "UNSUPPORTED", "request target is not ASCII")
@@ -447,7 +447,3 @@ def rewrite_body(kind: str, body: bytes, path: str, client_name: api.MapName) ->
     if client is None:
         raise ValueError(f"{repo.name} maps back to no client name")
     return api.rewrite_tags_list(body, client)
-
-
-def _ascii(text: str) -> bool:
-    return text.isascii()
