@@ -64,13 +64,15 @@ def is_trusted(peer: str, networks: tuple[Network, ...]) -> bool:
 def forwarded_origin(headers: Iterable[tuple[str, str]], fallback: Origin) -> Origin | None:
     """The origin the client used, from the forwarding headers of a trusted proxy.
 
-    ``headers`` are (name, value) pairs. ``Forwarded`` wins over ``X-Forwarded-*``; of
-    several comma-separated values the last one counts, as it is the one the nearest
-    (trusted) proxy added; what a client sent ahead of it is not believed. A field that is
-    missing or malformed is taken from ``fallback`` (the client connection), except the
-    port, which follows a forwarded scheme's default. None when no header says anything.
+    ``headers`` are (name, value) pairs. Of several comma-separated values the last one
+    counts, as it is the one the nearest (trusted) proxy added; what a client sent ahead
+    of it is not believed. ``Forwarded`` and ``X-Forwarded-*`` are read apart, never
+    mixed: a balancer sets one family and passes the other on from the client as it
+    came, so when both are present and describe different origins neither is believed
+    (None). A field that is missing or malformed is taken from ``fallback`` (the client
+    connection), except the port, which follows a forwarded scheme's default. None when
+    no header says anything.
     """
-    proto = host = port = None
     forwarded = None
     x_proto = x_host = x_port = None
     for name, value in headers:
@@ -83,19 +85,22 @@ def forwarded_origin(headers: Iterable[tuple[str, str]], fallback: Origin) -> Or
             x_host = value
         elif lowered == "x-forwarded-port":
             x_port = value
+    from_forwarded = from_x = None
     if forwarded is not None:
-        element = _last(forwarded)
-        params = _forwarded_params(element)
-        proto, host = params.get("proto"), params.get("host")
-    if proto is None and x_proto is not None:
-        proto = _last(x_proto)
-    if host is None and x_host is not None:
-        host = _last(x_host)
-    if x_port is not None:
-        port = _last(x_port)
-    if proto is None and host is None and port is None:
-        return None
+        params = _forwarded_params(_last(forwarded))
+        from_forwarded = _origin(params.get("proto"), params.get("host"), None, fallback)
+    if x_proto is not None or x_host is not None or x_port is not None:
+        from_x = _origin(
+            x_proto and _last(x_proto), x_host and _last(x_host), x_port and _last(x_port), fallback
+        )
+    if from_forwarded is not None and from_x is not None and from_forwarded != from_x:
+        return None  # one of them came from the client, and we cannot tell which
+    return from_forwarded or from_x
 
+
+def _origin(
+    proto: str | None, host: str | None, port: str | None, fallback: Origin
+) -> Origin | None:
     scheme = proto.lower() if proto and proto.lower() in _DEFAULT_PORTS else None
     new_host = new_port = None
     if host:
@@ -133,7 +138,8 @@ def _last(value: str) -> str:
 
 
 def _port(text: str | None) -> int | None:
-    if text is None or not text.isdigit():
+    # isascii: str.isdigit() accepts "²", which int() refuses (a ValueError in the hook).
+    if text is None or not (text.isascii() and text.isdigit()):
         return None
     port = int(text)
     return port if 0 < port < 65536 else None

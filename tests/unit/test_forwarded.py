@@ -74,9 +74,13 @@ def test_is_trusted():
             [("Forwarded", "host=evil.test, for=1.2.3.4;host=reg.example.com;proto=https")],
             Origin("https", "reg.example.com", 443),
         ),
-        # Forwarded wins over X-Forwarded-*.
+        # Both families, describing the same origin: believed.
         (
-            [("X-Forwarded-Host", "other.test"), ("Forwarded", "proto=https;host=reg.example.com")],
+            [
+                ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "reg.example.com"),
+                ("Forwarded", "proto=https;host=reg.example.com"),
+            ],
             Origin("https", "reg.example.com", 443),
         ),
         (
@@ -100,10 +104,34 @@ def test_forwarded_origin(headers, expected):
         [("X-Forwarded-Host", "user@evil.test")],
         [("X-Forwarded-Port", "99999")],
         [("Forwarded", "for=1.2.3.4")],
+        # str.isdigit() digits that int() refuses (raised ValueError in the hook).
+        [("X-Forwarded-Port", "\xb2")],
+        [("X-Forwarded-Port", "\u0663")],
     ],
 )
 def test_forwarded_origin_without_usable_headers(headers):
     assert forwarded_origin(headers, LOCAL) is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # A balancer that sets X-Forwarded-* passes a client's Forwarded on as it came
+        # (nginx, HAProxy's forwardfor): Forwarded winning let the client pick the realm.
+        [
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "reg.example.com"),
+            ("Forwarded", "proto=https;host=evil.test"),
+        ],
+        [("X-Forwarded-Host", "other.test"), ("Forwarded", "proto=https;host=reg.example.com")],
+        # ... and one that sets Forwarded passes on a client's X-Forwarded-Port, which
+        # was applied to Forwarded's host.
+        [("Forwarded", "proto=https;host=reg.example.com"), ("X-Forwarded-Port", "1")],
+    ],
+)
+def test_the_two_header_families_disagreeing_are_not_believed(headers):
+    assert forwarded_origin(headers, LOCAL) is None
+    assert forwarded_origin(list(reversed(headers)), LOCAL) is None
 
 
 def test_describe():
