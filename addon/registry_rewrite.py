@@ -483,6 +483,8 @@ class RegistryRewrite:
         form = ""
         if req.method == "POST":
             raw = req.raw_content or b""
+            # Redacted before anything can refuse it: the flow is shown and saved.
+            _redact_form(req, raw.decode("latin-1"))
             if not raw.isascii():
                 _refuse(flow, decide.Refusal(400, "UNSUPPORTED", "token form is not ASCII"))
                 return
@@ -539,8 +541,6 @@ class RegistryRewrite:
         )
         # The flow keeps the client's request (secrets redacted), so a replay asks anew.
         _redact_credentials(flow)
-        if req.method == "POST":
-            req.content = auth.redact_form(form).encode()
         flow.comment = plan.comment
         try:
             reply = await asyncio.wait_for(
@@ -1041,6 +1041,14 @@ def _bearer_info(authorization: str) -> dict | None:
     if len(_BEARER_CACHE) > 256:
         _BEARER_CACHE.popitem(last=False)
     return info
+
+
+def _redact_form(request: http.Request, form: str) -> None:
+    """Blank the secrets of a token form in the flow (a replay sends the kept original)."""
+    try:
+        request.content = auth.redact_form(form).encode("latin-1")
+    except Exception:  # noqa: BLE001 - nothing rather than the secret
+        request.content = b""
 
 
 def _redact_credentials(flow: http.HTTPFlow) -> None:

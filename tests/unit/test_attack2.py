@@ -1,0 +1,62 @@
+"""Attacks on the small addons, replay and the token path that once got through."""
+
+import asyncio
+import json
+
+import pytest
+from mitmproxy.test import taddons
+
+from regrewrite import realm
+from tests.unit.test_addon import flow
+
+RULES = """
+unmatched: deny
+rules:
+  - client: "team/{r:path}"
+    upstream: "acme_team/{r:path}"
+"""
+PASSWORD = "pw-S3CRET"
+REFRESH = "rt-S3CRET"
+BASIC = "Basic YWxpY2U6cHctUzNDUkVU"  # alice:pw-S3CRET
+
+
+def _unreachable(*args, **kwargs):
+    raise realm.RealmUnreachable("upstream.test:443: connection refused")
+
+
+def _stored(f) -> str:
+    """What mitmweb's API and a saved flow file hold of the flow."""
+    return json.dumps(f.get_state(), default=lambda b: b.decode("latin-1"))
+
+
+def _run_token(addon, f):
+    addon.requestheaders(f)
+    asyncio.run(addon.request(f))
+    addon.responseheaders(f)  # mitmproxy emulates it for a response set in a hook
+    asyncio.run(addon.response(f))
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        # Refused before the plan: the upstream advertises no realm (it is down).
+        f"grant_type=password&username=alice&password={PASSWORD}&refresh_token={REFRESH}"
+        "&scope=repository%3Ateam%2Fapp%3Apull",
+        # Refused for a non-ASCII form.
+        f"grant_type=password&username=\xe9&password={PASSWORD}&refresh_token={REFRESH}",
+    ],
+)
+def test_a_refused_token_request_keeps_no_secret(addon, rules_file, monkeypatch, form):
+    monkeypatch.setattr(realm, "fetch", _unreachable)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        headers = [
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Authorization", BASIC),
+        ]
+        f = flow("/auth", "POST", form.encode("latin-1"), headers)
+        _run_token(addon, f)
+    assert f.response.status_code in (400, 502)
+    stored = _stored(f)
+    for secret in (PASSWORD, REFRESH, BASIC.split()[1]):
+        assert secret not in stored
