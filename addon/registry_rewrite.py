@@ -51,6 +51,7 @@ RELOAD_INTERVAL = 1.0  # seconds between looks at the rules file
 RULES_FILE_MAX = 4 << 20  # a rules file larger than this is refused, not read
 CATALOG_CURSORS = 1024  # opaque _catalog cursors remembered (see _catalog_cursor)
 ISSUED_TOKENS = 4096  # which upstream issued a token, for the newest ones handed out
+USER_LIMIT = 256  # characters of registry_user (a client-chosen token subject) kept
 TOKEN_WORKERS = 8  # concurrent token fetches; more wait (up to registry_token_timeout)
 # Bodies up to this size are rewritten on the event loop; larger ones (up to the 4 MiB
 # cap) in a worker thread, so no JSON work blocks other flows for long.
@@ -1018,11 +1019,15 @@ def _user(authorization: str | None) -> str | None:
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "basic":
         with contextlib.suppress(ValueError, binascii.Error):
-            return base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+            name, colon, _ = decoded.partition(":")
+            # Without a colon it is not user:password: the whole value may be a token.
+            return name[:USER_LIMIT] if colon else None
         return None
     info = _bearer_info(authorization)
     sub = (info or {}).get("claims", {}).get("sub") if isinstance(info, dict) else None
-    return sub if isinstance(sub, str) else None
+    # An unverified token's subject: the client's to choose, so bounded.
+    return sub[:USER_LIMIT] if isinstance(sub, str) else None
 
 
 # Claims of the Bearer tokens seen lately, by the sha256 of the header: a client sends

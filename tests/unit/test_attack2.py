@@ -1,11 +1,13 @@
 """Attacks on the small addons, replay and the token path that once got through."""
 
 import asyncio
+import base64
 import json
 
 import pytest
 from mitmproxy.test import taddons
 
+import registry_rewrite
 from regrewrite import realm
 from tests.unit.test_addon import flow
 
@@ -60,3 +62,26 @@ def test_a_refused_token_request_keeps_no_secret(addon, rules_file, monkeypatch,
     stored = _stored(f)
     for secret in (PASSWORD, REFRESH, BASIC.split()[1]):
         assert secret not in stored
+
+
+@pytest.mark.parametrize(
+    "authorization, user",
+    [
+        ("Basic YWxpY2U6cHctUzNDUkVU", "alice"),  # alice:pw-S3CRET
+        # No colon: not user:password; the whole value may be a token (a PAT sent as
+        # Basic). It went into registry_user, the access log and saved flows.
+        ("Basic cGF0LVMzQ1JFVA==", None),  # pat-S3CRET
+        ("Basic bm90OmJhc2U2NA=!", None),
+        ("Bearer opaque", None),
+    ],
+)
+def test_registry_user_is_never_a_credential(authorization, user):
+    assert registry_rewrite._user(authorization) == user
+
+
+def test_registry_user_is_bounded():
+    # An unverified JWT's sub is the client's to choose: the access log writes it.
+    claims = base64.urlsafe_b64encode(json.dumps({"sub": "x" * 100_000}).encode()).decode()
+    token = f"eyJhbGciOiJub25lIn0.{claims.rstrip('=')}.sig"
+    user = registry_rewrite._user(f"Bearer {token}")
+    assert user is not None and len(user) <= registry_rewrite.USER_LIMIT
