@@ -80,6 +80,9 @@ class Health:
         # mitmproxy reads a body sent along before it answers: only this much of it.
         meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
         meta[patches.CAP_ERROR] = _BODY_CAP_ERROR
+        # No "100 Continue" (mitmproxy sends one after this hook even with a response
+        # set): the client would send its body, and past the cap no answer reaches it.
+        flow.request.headers.pop("Expect", None)
         if flow.request.method not in ("GET", "HEAD"):
             self._answer(flow, 405, api.registry_error("UNSUPPORTED", message="GET or HEAD"))
             flow.response.headers["Allow"] = "GET, HEAD"
