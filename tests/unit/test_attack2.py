@@ -9,6 +9,7 @@ from mitmproxy.test import taddons
 
 import registry_rewrite
 from regrewrite import realm
+from regrewrite.addons import accesslog
 from regrewrite.addons.health import Health
 from tests.unit.test_addon import flow
 
@@ -104,3 +105,20 @@ async def test_health_answers_send_no_100_continue(addon, rules_file, path, meth
             await pending
     assert f.response is not None
     assert "expect" not in f.request.headers
+
+
+def test_one_bad_record_does_not_end_the_access_log(tmp_path, caplog):
+    # The writer thread turns records into JSON; one it cannot (a flow without a start
+    # time, a metadata value json cannot take) ended the thread, and with it the log.
+    path = tmp_path / "access.log"
+    writer = accesslog._Writer(open(path, "a", encoding="utf-8"), True)  # noqa: SIM115
+    good = (1.0, "192.0.2.9", "alice", "GET", "ping", None, None, "default", 200, 0, 1.5, "x")
+    writer.start()
+    writer.offer((None, *good[1:]))  # no start time
+    writer.offer((*good[:2], object(), *good[3:]))  # not JSON
+    writer.offer(good)
+    writer.finish()
+    assert not writer.is_alive()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["user"] for r in records] == ["alice"]
+    assert "2 records could not be written" in caplog.text

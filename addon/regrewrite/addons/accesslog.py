@@ -100,6 +100,7 @@ class _Writer(threading.Thread):
         self.close = close
         self.queue: queue.Queue = queue.Queue(QUEUE_SIZE)
         self.dropped = 0
+        self.unwritable = 0
 
     def offer(self, values: tuple) -> None:
         try:
@@ -125,9 +126,9 @@ class _Writer(threading.Thread):
                         break
                 stop = batch[-1] is _STOP
                 lines = [
-                    json.dumps(entry(values), separators=(",", ":"))
+                    line
                     for values in batch
-                    if values is not _STOP
+                    if values is not _STOP and (line := self.line(values)) is not None
                 ]
                 if lines:
                     try:
@@ -143,6 +144,17 @@ class _Writer(threading.Thread):
             if self.close:
                 self.out.close()
 
+    def line(self, values: tuple) -> str | None:
+        """One record as JSON; None for one that cannot be (counted, logged once): it
+        must not end this thread, and with it the log."""
+        try:
+            return json.dumps(entry(values), separators=(",", ":"))
+        except Exception as e:  # noqa: BLE001
+            self.unwritable += 1
+            if self.unwritable == 1:
+                logger.error(f"registry_access_log: a record could not be written: {e!r}")
+            return None
+
     def finish(self, timeout: float = 5.0) -> None:
         try:
             self.queue.put(_STOP, timeout=timeout)
@@ -151,6 +163,8 @@ class _Writer(threading.Thread):
         self.join(timeout)
         if self.dropped:
             logger.warning(f"registry_access_log: {self.dropped} records were dropped")
+        if self.unwritable:
+            logger.warning(f"registry_access_log: {self.unwritable} records could not be written")
 
 
 class AccessLog:
