@@ -429,9 +429,11 @@ class RegistryRewrite:
         """A replayed flow is mapped anew, with the rules in force now: it shows (and was
         edited in) client names since it went upstream the first time."""
         meta = flow.metadata
-        # (registry_public is this pass's: TrustedProxies ran before the core.)
-        for key in [k for k in meta if k.startswith("registry_") and k != "registry_public"]:
-            del meta[key]
+        # (registry_public is this pass's: TrustedProxies ran before the core. Or the
+        # first pass's, kept; but a flow file stores it as a list: not an origin.)
+        for key in [k for k in meta if k.startswith("registry_")]:
+            if key != "registry_public" or not isinstance(meta[key], Origin):
+                del meta[key]
         flow.comment, flow.marked = "", ""
         kept = self.replay_secrets.get(flow, {})
         req = flow.request

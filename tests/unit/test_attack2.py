@@ -2,15 +2,20 @@
 
 import asyncio
 import base64
+import io
 import json
+import re
 
 import pytest
+from mitmproxy import io as mio
+from mitmproxy.http import Response
 from mitmproxy.test import taddons
 
 import registry_rewrite
 from regrewrite import realm
 from regrewrite.addons import accesslog
 from regrewrite.addons.health import Health
+from regrewrite.api import Origin
 from tests.unit.test_addon import flow
 
 RULES = """
@@ -122,3 +127,40 @@ def test_one_bad_record_does_not_end_the_access_log(tmp_path, caplog):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["user"] for r in records] == ["alice"]
     assert "2 records could not be written" in caplog.text
+
+
+def test_replay_of_a_saved_flow_behind_a_balancer(addon, rules_file):
+    # A flow saved behind a trusted balancer keeps registry_public, which a flow file
+    # stores as a plain list; its replay (no forwarding headers any more: the core drops
+    # them) used that list as the public origin and failed with a 502.
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        addon.learned["default"] = ("https://auth.test/token", "reg")
+        f = flow("/v2/team/app/manifests/1")
+        f.metadata["registry_public"] = Origin("https", "reg.example.com", 443)
+        addon.requestheaders(f)
+        f.response = Response.make(200, b"{}", {"Content-Type": "application/json"})
+        addon.responseheaders(f)
+        asyncio.run(addon.response(f))
+        buf = io.BytesIO()
+        mio.FlowWriter(buf).add(f)
+        buf.seek(0)
+        g = next(iter(mio.FlowReader(buf).stream()))
+        g.is_replay, g.live, g.response = "request", True, None
+        addon.requestheaders(g)
+        assert g.request.path == "/v2/acme_team/app/manifests/1"
+        g.response = Response.make(
+            401,
+            b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+            {
+                "Content-Type": "application/json",
+                "WWW-Authenticate": 'Bearer realm="https://auth.test/token",service="reg",'
+                'scope="repository:acme_team/app:pull"',
+            },
+        )
+        addon.responseheaders(g)
+        asyncio.run(addon.response(g))
+    assert g.response.status_code == 401, g.comment
+    challenge = g.response.headers["WWW-Authenticate"]
+    assert re.search(r'realm="https?://[a-z0-9.:-]+/auth"', challenge), challenge
+    assert "repository:team/app:pull" in challenge
