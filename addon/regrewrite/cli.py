@@ -9,6 +9,7 @@ itself stays free of it.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 
@@ -26,10 +27,38 @@ def rules_path(args: list[str]) -> str:
     """The rules file the arguments name (``--set registry_rules=...``), or the default."""
     path = "rules.yaml"
     for i, arg in enumerate(args):
-        value = args[i + 1] if arg == "--set" and i + 1 < len(args) else arg
+        if arg == "--set" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--set="):  # argparse's --opt=value form
+            value = arg.partition("=")[2]
+        else:
+            continue
         if value.startswith("registry_rules="):
             path = value.partition("=")[2]
     return path
+
+
+def without_script(args: list[str], script: str) -> list[str]:
+    """``args`` less any ``-s``/``--scripts`` naming ``script``, which the command loads
+    itself (mitmdump stops on a duplicate script)."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg in ("-s", "--scripts") and i + 1 < len(args) and _same_file(args[i + 1], script):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     # The addon as a script, as from a checkout: mitmdump then loads every addon of its
     # `addons` list, and their options parse like any other --set. (find_spec: importing
     # the module here would build a second, unused set of addons.)
-    mitmdump(["-s", find_spec("registry_rewrite").origin, *args])
+    script = find_spec("registry_rewrite").origin
+    mitmdump(["-s", script, *without_script(args, script)])
 
 
 if __name__ == "__main__":

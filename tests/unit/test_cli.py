@@ -51,3 +51,29 @@ def test_a_bad_rules_file_stops_before_mitmdump_starts(tmp_path, capsys, monkeyp
     assert err.startswith("registry-rewrite: ") and "bad.yaml:3" in err
     assert cli.rules_path(["--set", "registry_rules=x.yaml"]) == "x.yaml"
     assert cli.rules_path([]) == "rules.yaml"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set=registry_rules=x.yaml"],  # argparse's --opt=value form
+        ["--set", "registry_rules=other.yaml", "--set=registry_rules=x.yaml"],  # last wins
+        ["--set=registry_rules=other.yaml", "--set", "registry_rules=x.yaml"],
+    ],
+)
+def test_rules_path_in_every_argument_form(args):
+    # --set=registry_rules=x.yaml was not seen: the default rules.yaml was checked,
+    # and a good file refused (or a bad one let through) before mitmdump started.
+    assert cli.rules_path(args) == "x.yaml"
+
+
+def test_the_addon_given_again_with_s_is_loaded_once(monkeypatch, tmp_path):
+    # mitmdump stops with "Duplicate script" when the addon is named twice.
+    seen = []
+    monkeypatch.setattr(mitmproxy.tools.main, "mitmdump", seen.append)
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules: []\n")
+    script = str(Path(cli.__file__).parent.parent / "registry_rewrite.py")
+    cli.main(["-s", script, f"--set=registry_rules={rules}", "--scripts", script, "-q"])
+    (argv,) = seen
+    assert argv[2:] == [f"--set=registry_rules={rules}", "-q"]
