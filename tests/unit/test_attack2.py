@@ -164,3 +164,19 @@ def test_replay_of_a_saved_flow_behind_a_balancer(addon, rules_file):
     challenge = g.response.headers["WWW-Authenticate"]
     assert re.search(r'realm="https?://[a-z0-9.:-]+/auth"', challenge), challenge
     assert "repository:team/app:pull" in challenge
+
+
+def test_access_log_records_are_bounded(addon, rules_file):
+    # A refused name is the client's, of any length (mitmproxy bounds no request line):
+    # the queue holds QUEUE_SIZE records, so each must be small for its memory to be.
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        f = flow("/v2/" + "x/" * 50_000 + "app/manifests/1")
+        addon.requestheaders(f)
+        f.metadata["registry_upstream_name"] = "y" * 100_000
+        f.metadata["registry_user"] = "u" * 100_000
+    assert f.response.status_code in (400, 404)
+    values = accesslog.fields(f)
+    assert sum(len(v) for v in values if isinstance(v, str)) <= 4 * accesslog.FIELD_LIMIT
+    record = accesslog.entry(values)
+    assert record["client_name"].startswith("x/x/") and record["client_name"].endswith("…")

@@ -35,6 +35,9 @@ from regrewrite.addons import ENDPOINTS, body_bytes, count_body
 logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 10_000  # records waiting for the writer thread
+# Characters kept of a name or user: a refused name is the client's, of any length, and
+# the queue's memory is bounded only if each record is.
+FIELD_LIMIT = 512
 FLUSH_INTERVAL = 0.05  # seconds the writer waits between batches
 _STOP = object()
 
@@ -51,17 +54,23 @@ def fields(flow: http.HTTPFlow) -> tuple:
     return (
         req.timestamp_start,
         peer[0] if peer else None,
-        md.get("registry_user"),
-        req.method,
+        _clip(md.get("registry_user")),
+        _clip(req.method),
         md.get("registry_endpoint"),
-        md.get("registry_client_name"),
-        md.get("registry_upstream_name"),
+        _clip(md.get("registry_client_name")),
+        _clip(md.get("registry_upstream_name")),
         md.get("registry_upstream_key"),
         resp.status_code if resp is not None else None,
         body_bytes(flow, "response"),
         end,
         md.get("registry_decision"),
     )
+
+
+def _clip(value):
+    if isinstance(value, str) and len(value) > FIELD_LIMIT:
+        return value[: FIELD_LIMIT - 1] + "…"
+    return value
 
 
 def entry(values: tuple) -> dict:
