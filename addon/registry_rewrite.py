@@ -437,14 +437,17 @@ class RegistryRewrite:
         flow.comment, flow.marked = "", ""
         kept = self.replay_secrets.get(flow, {})
         req = flow.request
-        redacted = [v for k, v in req.headers.fields if k.lower() == b"authorization"]
+        values = [v for k, v in req.headers.fields if k.lower() == b"authorization"]
         note = "replay"
-        if redacted:
+        if any(v.endswith(b" <redacted>") for v in values):
             req.headers.pop("Authorization", None)
             if "authorization" in kept:
                 req.headers["Authorization"] = kept["authorization"]
             else:
                 note = "replay without credentials (flows keep none once saved)"
+        elif values:
+            # Typed into the edited flow: sent as it is, and kept for the next replay.
+            self._keep_for_replay(flow, "authorization", req.headers["Authorization"])
         if "form" in kept and req.method == "POST":
             req.content = kept["form"].encode()
         meta["registry_replay"] = note
