@@ -449,7 +449,9 @@ class RegistryRewrite:
             # Typed into the edited flow: sent as it is, and kept for the next replay.
             self._keep_for_replay(flow, "authorization", req.headers["Authorization"])
         if "form" in kept and req.method == "POST":
-            req.content = kept["form"].encode()
+            # The form as edited, with the secrets redacted in it put back.
+            edited = (req.raw_content or b"").decode("latin-1")
+            req.content = _restore_form(edited, kept["form"]).encode("latin-1")
         meta["registry_replay"] = note
 
     def _answer_ping(self, flow: http.HTTPFlow) -> None:
@@ -1051,6 +1053,20 @@ def _bearer_info(authorization: str) -> dict | None:
     if len(_BEARER_CACHE) > 256:
         _BEARER_CACHE.popitem(last=False)
     return info
+
+
+def _restore_form(edited: str, original: str) -> str:
+    """``edited`` (a redacted token form, perhaps changed by hand) with the secrets of
+    ``original`` in place of its ``<redacted>`` values."""
+    out = edited
+    for field in auth.SECRET_FIELDS:
+        secrets = auth.form_values(original, field)
+        if secrets:
+            secret = secrets[0]
+            out = auth.replace_form_values(
+                out, field, lambda v, s=secret: s if v == "<redacted>" else v
+            )
+    return out
 
 
 def _redact_form(request: http.Request, form: str) -> None:

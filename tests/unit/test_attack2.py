@@ -210,3 +210,29 @@ def test_a_replay_keeps_credentials_typed_into_the_edited_flow(addon, rules_file
             addon.responseheaders(f)
             asyncio.run(addon.response(f))
             assert f.request.headers["Authorization"] == "Bearer <redacted>"
+
+
+def test_a_replay_sends_the_edited_token_form_with_its_secrets(addon, rules_file, monkeypatch):
+    # The kept original form replaced the edited one whole: a scope changed in the
+    # request editor was not what the replay asked for.
+    monkeypatch.setattr(realm, "fetch", _unreachable)
+    form = (
+        f"grant_type=password&username=alice&password={PASSWORD}&scope=repository%3Ateam%2Fa%3Apull"
+    )
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        addon.learned["default"] = ("https://auth.test/token", "reg")
+        f = flow(
+            "/auth", "POST", form.encode(), [("Content-Type", "application/x-www-form-urlencoded")]
+        )
+        _run_token(addon, f)
+        assert PASSWORD not in f.request.text
+        f.request.text = f.request.text.replace("team%2Fa%3A", "team%2Fb%3A")
+        f.is_replay, f.response = "request", None
+        addon.requestheaders(f)
+        assert f.request.text == form.replace("team%2Fa%3A", "team%2Fb%3A")
+        # unedited: the original, exactly
+        _run_token(addon, f)
+        f.is_replay, f.response = "request", None
+        addon.requestheaders(f)
+        assert f.request.text == form.replace("team%2Fa%3A", "team%2Fb%3A")
