@@ -434,7 +434,12 @@ class RegistryRewrite:
         flow.comment, flow.marked = "", ""
         kept = self.replay_secrets.get(flow, {})
         req = flow.request
-        redacted = [v for k, v in req.headers.fields if k.lower() == b"authorization"]
+        # Only the value the addon redacted is replaced: one a person typed in is theirs.
+        redacted = [
+            v
+            for k, v in req.headers.fields
+            if k.lower() == b"authorization" and v.endswith(b" <redacted>")
+        ]
         note = "replay"
         if redacted:
             req.headers.pop("Authorization", None)
