@@ -437,6 +437,7 @@ class RegistryRewrite:
         flow.comment, flow.marked = "", ""
         kept = self.replay_secrets.get(flow, {})
         req = flow.request
+        # Only the value the addon redacted is replaced: one a person typed in is theirs.
         values = [v for k, v in req.headers.fields if k.lower() == b"authorization"]
         note = "replay"
         if any(v.endswith(b" <redacted>") for v in values):
@@ -1070,7 +1071,7 @@ def _restore_form(edited: str, original: str) -> str:
 
 
 def _redact_form(request: http.Request, form: str) -> None:
-    """Blank the secrets of a token form in the flow (a replay sends the kept original)."""
+    """Blank the secrets of a token form in the flow (a replay puts the kept ones back)."""
     try:
         request.content = auth.redact_form(form).encode("latin-1")
     except Exception:  # noqa: BLE001 - nothing rather than the secret

@@ -380,15 +380,21 @@ def test_catalog_never_passes_unfiltered(stub, proxy, n, what):
 
 
 def test_concurrent_big_catalogs_memory(stub, proxy):
-    # The caps are per flow: N flows may hold N x 4 MiB (plus the JSON of the ones being
-    # rewritten, two at a time in the work pool). A figure, for the README's limits.
+    # Each flow buffers at most 4 MiB, and all flows' bodies still arriving at most
+    # patches.BUFFER_BUDGET (32 MiB; past it a flow gets a 502 asking to retry). Bodies
+    # already read wait for the work pool (two JSON rewrites at a time) and are not
+    # counted: the peak is a figure for the README's limits, not a bound.
     m = proxy(RULES, upstream=stub.url)
     reset_peak_rss(m.proc.pid)
     results: list[tuple[int, bytes]] = []
+    over_cap: list[int] = []
 
     def one(n: str):
         status, _, body = _get(f"{m.url}/v2/_catalog?n={n}", timeout=120)
-        results.append((status, body))
+        if n == "1002":  # 5 MiB, over the cap
+            over_cap.append(status)
+        else:  # 3.5 MiB, under it
+            results.append((status, body))
 
     threads = [
         threading.Thread(target=one, args=("1006" if i % 2 else "1002",), daemon=True)
@@ -403,11 +409,12 @@ def test_concurrent_big_catalogs_memory(stub, proxy):
         f"\n16 concurrent ~4 MiB _catalog answers (8 under, 8 over the cap): peak RSS "
         f"{peak / 1e6:.0f} MB"
     )
-    assert len(results) == 16
+    assert len(results) == 8 and over_cap == [502] * 8
     for status, body in results:
         assert b"hidden" not in body and b"acme_team" not in body, body[:200]
-        assert status in (200, 502), status
-    assert sorted(s for s, _ in results) == [200] * 8 + [502] * 8
+        assert status in (200, 502), status  # rewritten, or over the budget: retry
+    print(f"under the cap: {sorted(s for s, _ in results)}")
+    assert 200 in [s for s, _ in results]  # the budget still lets flows through
 
 
 def test_big_tags_list_gets_502_naming_the_cap(stub, proxy):

@@ -536,3 +536,26 @@ def test_unreachable_realm_message_has_no_stray_colons(monkeypatch):
     with pytest.raises(realm.RealmUnreachable) as e:
         realm.fetch("GET", "http://auth.test/token", [], None, None, 5)
     assert str(e.value) == "auth.test: [Errno -2] Name or service not known"
+
+
+async def test_replay_restores_kept_credentials_but_not_over_a_typed_one(tctx, addon):
+    f = flow("/v2/team/app/manifests/1", headers=[("Authorization", "Bearer first")])
+    addon.requestheaders(f)
+    respond(f, 200)
+    addon.responseheaders(f)
+    await addon.response(f)
+    assert f.request.headers["Authorization"] == "Bearer <redacted>"
+    assert f.request.path == "/v2/team/app/manifests/1"  # shown as the client sent it
+    f.is_replay = "request"
+    f.response = None
+    addon.requestheaders(f)  # kept in memory for this flow: restored, and mapped once
+    assert f.response is None and f.request.path == "/v2/acme_team/app/manifests/1"
+    assert f.request.headers["Authorization"] == "Bearer first"
+    respond(f, 200)
+    addon.responseheaders(f)
+    await addon.response(f)
+    assert f.comment.startswith("replay · team/app → acme_team/app")
+    f.request.headers["Authorization"] = "Bearer typed-by-a-person"
+    f.response = None
+    addon.requestheaders(f)
+    assert f.request.headers["Authorization"] == "Bearer typed-by-a-person"

@@ -808,8 +808,9 @@ async def test_flows_can_be_saved_and_loaded_ones_are_left_alone(tctx, addon):
 
     addon.learned["default"] = ("https://learned.test/token", None)
     before = (loaded.comment, loaded.response.get_state(), loaded.request.get_state())
-    for hook in (addon.requestheaders, addon.responseheaders, addon.response):
-        hook(loaded)
+    addon.requestheaders(loaded)
+    addon.responseheaders(loaded)
+    await addon.response(loaded)
     assert (loaded.comment, loaded.response.get_state(), loaded.request.get_state()) == before
     assert addon.realm == "https://learned.test/token"  # not re-learned from a rewritten one
     text = contentviews.prettify_message(loaded.response, loaded).text

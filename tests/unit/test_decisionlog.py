@@ -205,7 +205,7 @@ def test_script_composes_the_decision_log():
     assert kinds.index(DecisionLog) > kinds.index(registry_rewrite.RegistryRewrite)
 
 
-def test_core_denial_then_decision_log(rules_file, caplog):
+async def test_core_denial_then_decision_log(rules_file, caplog):
     core, log = registry_rewrite.RegistryRewrite(), DecisionLog()
     with taddons.context(core, log) as ctx:
         ctx.configure(core, registry_rules=str(rules_file))
@@ -219,7 +219,7 @@ def test_core_denial_then_decision_log(rules_file, caplog):
                 if f.response is None:  # went upstream, which says 404 too
                     f.response = Response.make(404, NOT_FOUND, {"Content-Type": "application/json"})
                 core.responseheaders(f)
-                core.response(f)
+                await core.response(f)
                 log.response(f)
     assert lines(caplog) == [
         "registry: denied GET /v2/x/manifests/1 -> 404 NAME_UNKNOWN: no rule for x"

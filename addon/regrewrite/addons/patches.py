@@ -17,6 +17,8 @@ the addon is loaded (``enable``) and undone when it is unloaded (``disable``).
 
 from __future__ import annotations
 
+import weakref
+
 from mitmproxy import flow as mflow
 from mitmproxy import http
 from mitmproxy.net.http.http1 import assemble_response
@@ -47,6 +49,18 @@ def _make_error_response(status_code: int, message: str = "") -> bytes:
     return assemble_response(resp)
 
 
+# All capped bodies being buffered at once, across flows: the per-flow caps alone let
+# many concurrent flows add up (16 concurrent 4 MiB _catalog answers peaked at 191 MB).
+# Past this, a flow that would buffer more is failed with a 502 asking to retry.
+BUFFER_BUDGET = 32 << 20
+_buffering: weakref.WeakSet = weakref.WeakSet()  # the HttpStreams buffering a capped body
+
+
+def buffered() -> int:
+    """Bytes of capped bodies buffered right now (finished streams hold none)."""
+    return sum(len(s.request_body_buf) + len(s.response_body_buf) for s in list(_buffering))
+
+
 def _capped(original, request: bool):
     data_event = layers_http.RequestData if request else layers_http.ResponseData
     key = REQUEST_CAP if request else RESPONSE_CAP
@@ -59,6 +73,11 @@ def _capped(original, request: bool):
                 buf.clear()
                 yield from _fail_over_cap(self, request, cap)
                 return
+            _buffering.add(self)
+            if buffered() + len(event.data) > BUFFER_BUDGET:
+                buf.clear()
+                yield from _fail_over_cap(self, request, cap, budget=True)
+                return
             # Buffered here, not by the original: it would also apply stream_large_bodies
             # and start streaming a flow that must be answered or rewritten (a token form
             # to the upstream's /auth, a _catalog to the client unfiltered).
@@ -70,23 +89,33 @@ def _capped(original, request: bool):
     return state
 
 
-def _fail_over_cap(stream, request: bool, cap: int):
-    """What mitmproxy does for a body over ``body_size_limit``, with our error."""
+def _fail_over_cap(stream, request: bool, cap: int, budget: bool = False):
+    """What mitmproxy does for a body over ``body_size_limit``, with our error: the flow's
+    own cap (413 for a request, 502 for a response), or the budget of all flows (502)."""
     flow = stream.flow
     what = "request" if request else "response"
-    message = (
-        flow.metadata.get(CAP_ERROR)
-        or api.registry_error(
-            "SIZE_INVALID", {"limit": cap}, f"{what} body larger than {cap} bytes"
+    if budget:
+        message = api.registry_error(
+            "UNAVAILABLE",
+            {"limit": BUFFER_BUDGET},
+            f"the proxy is buffering {BUFFER_BUDGET} bytes of other flows' bodies; retry",
         ).decode()
-    )
-    flow.error = mflow.Error(f"{what} body larger than the proxy's {cap}-byte cap")
+        flow.error = mflow.Error(f"{what} body over the proxy's {BUFFER_BUDGET}-byte budget")
+        code = layers_http.ErrorCode.GENERIC_SERVER_ERROR
+    else:
+        message = (
+            flow.metadata.get(CAP_ERROR)
+            or api.registry_error(
+                "SIZE_INVALID", {"limit": cap}, f"{what} body larger than {cap} bytes"
+            ).decode()
+        )
+        flow.error = mflow.Error(f"{what} body larger than the proxy's {cap}-byte cap")
+        code = (
+            layers_http.ErrorCode.REQUEST_TOO_LARGE
+            if request
+            else layers_http.ErrorCode.RESPONSE_TOO_LARGE
+        )
     yield layers_http.HttpErrorHook(flow)
-    code = (
-        layers_http.ErrorCode.REQUEST_TOO_LARGE
-        if request
-        else (layers_http.ErrorCode.RESPONSE_TOO_LARGE)
-    )
     yield layers_http.SendHttp(
         layers_http.ResponseProtocolError(stream.stream_id, message, code),
         stream.context.client,
