@@ -8,7 +8,9 @@ import re
 
 import pytest
 from mitmproxy import io as mio
+from mitmproxy.flow import Error
 from mitmproxy.http import Response
+from mitmproxy.proxy.layers import http as layers_http
 from mitmproxy.test import taddons
 
 import registry_rewrite
@@ -236,3 +238,72 @@ def test_a_replay_sends_the_edited_token_form_with_its_secrets(addon, rules_file
         f.is_replay, f.response = "request", None
         addon.requestheaders(f)
         assert f.request.text == form.replace("team%2Fa%3A", "team%2Fb%3A")
+
+
+# --- an exception in any small addon's hook, in mitmproxy's own addon chain ------------
+
+SMALL = ("Health", "TrustedProxies", "Metrics", "AccessLog", "DecisionLog")
+HOOKS = ("requestheaders", "request", "responseheaders", "response", "error")
+
+
+def _chain_cases():
+    for name in SMALL:
+        cls = getattr(registry_rewrite, name)
+        for hook in HOOKS:
+            if hasattr(cls, hook):
+                yield name, hook
+
+
+@pytest.mark.parametrize("name, hook", list(_chain_cases()))
+async def test_a_failing_small_addon_never_lets_a_flow_through_unmapped(
+    rules_file, tmp_path, monkeypatch, caplog, name, hook
+):
+    # mitmproxy logs an addon's exception and calls the next addon: the core must still
+    # map or refuse every flow, and no credential may reach any log.
+    def boom(self, flow):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(getattr(registry_rewrite, name), hook, boom)
+    addons = [type(a)() for a in registry_rewrite.addons]
+    with taddons.context(*addons) as tctx:
+        core = next(a for a in addons if isinstance(a, registry_rewrite.RegistryRewrite))
+        tctx.configure(core, registry_rules=str(rules_file))
+        tctx.options.update(
+            registry_trusted_proxies="127.0.0.0/8",
+            registry_metrics="127.0.0.1:0",
+            registry_access_log=str(tmp_path / "access.log"),
+            registry_log_comments=True,
+        )
+        for a in addons:
+            if hasattr(a, "running") and not isinstance(a, registry_rewrite.RegistryRewrite):
+                a.running()
+        hooks = tctx.master.addons
+        for path, expect in (
+            ("/v2/team/app/manifests/1", "/v2/acme_team/app/manifests/1"),
+            ("/v2/secret/app/manifests/1", None),
+            ("/livez", None),
+        ):
+            headers = [("Authorization", BASIC), ("X-Forwarded-Host", "lb.example")]
+            f = flow(path, headers=headers)
+            f.client_conn.peername = ("127.0.0.1", 40000)
+            await hooks.handle_lifecycle(layers_http.HttpRequestHeadersHook(f))
+            await hooks.handle_lifecycle(layers_http.HttpRequestHook(f))
+            if expect is None:
+                assert f.response is not None and f.response.status_code >= 200, path
+            else:
+                assert f.response is None
+                assert f.request.path == expect
+                assert "x-forwarded-host" not in f.request.headers
+                f.response = Response.make(200, b"{}", {"Content-Type": "application/json"})
+            await hooks.handle_lifecycle(layers_http.HttpResponseHeadersHook(f))
+            await hooks.handle_lifecycle(layers_http.HttpResponseHook(f))
+            f.error = Error("client disconnected")
+            await hooks.handle_lifecycle(layers_http.HttpErrorHook(f))
+            assert BASIC.split()[1] not in json.dumps(f.get_state(), default=str)
+        for a in addons:
+            if hasattr(a, "done"):
+                a.done()
+    logged = caplog.text + (tmp_path / "access.log").read_text()
+    assert "injected" in caplog.text  # the fault did happen
+    for secret in (BASIC.split()[1], PASSWORD):
+        assert secret not in logged
