@@ -92,6 +92,9 @@ class RegistryRewrite:
         # Credentials of the flows in memory, for replays in this process (weak keys:
         # they go when mitmweb or the console drops the flow).
         self.replay_secrets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Where live flows go (scheme, host, port): a replay edited to go elsewhere gets
+        # no kept credential and teaches no realm.
+        self.live_target: tuple | None = None
         # mitmweb, mitmproxy and mitmdump show registry messages through this view.
         self.contentview = RegistryContentview(lambda: self.rules)
 
@@ -304,6 +307,7 @@ class RegistryRewrite:
             self._prepare_replay(flow)
         else:
             self._keep_for_replay(flow, "authorization", req.headers.get("Authorization"))
+            self.live_target = (req.scheme, req.host, req.port)  # the reverse-mode target
         _drop_client_authority(req)
         # In reverse mode the request already targets the default upstream.
         default = Origin(req.scheme, req.host, req.port)
@@ -429,14 +433,17 @@ class RegistryRewrite:
         """A replayed flow is mapped anew, with the rules in force now: it shows (and was
         edited in) client names since it went upstream the first time."""
         meta = flow.metadata
+        # The kept credentials go only where they came from: not to a host, port or
+        # scheme edited in (a way to read them, or to send them in clear text).
+        req = flow.request
+        same = self.live_target == (req.scheme, req.host, req.port)
         # (registry_public is this pass's: TrustedProxies ran before the core. Or the
         # first pass's, kept; but a flow file stores it as a list: not an origin.)
         for key in [k for k in meta if k.startswith("registry_")]:
             if key != "registry_public" or not isinstance(meta[key], Origin):
                 del meta[key]
         flow.comment, flow.marked = "", ""
-        kept = self.replay_secrets.get(flow, {})
-        req = flow.request
+        kept = self.replay_secrets.get(flow, {}) if same else {}
         # Only the value the addon redacted is replaced: one a person typed in is theirs.
         values = [v for k, v in req.headers.fields if k.lower() == b"authorization"]
         note = "replay"
@@ -444,6 +451,8 @@ class RegistryRewrite:
             req.headers.pop("Authorization", None)
             if "authorization" in kept:
                 req.headers["Authorization"] = kept["authorization"]
+            elif not same and self.replay_secrets.get(flow):
+                note = "replay without credentials (sent elsewhere than the original)"
             else:
                 note = "replay without credentials (flows keep none once saved)"
         elif values:
@@ -454,6 +463,11 @@ class RegistryRewrite:
             edited = (req.raw_content or b"").decode("latin-1")
             req.content = _restore_form(edited, kept["form"]).encode("latin-1")
         meta["registry_replay"] = note
+        if not same:
+            # Sent elsewhere (or where live flows go is not known yet): what that host
+            # advertises is never learned as the upstream's realm, where every client's
+            # token request goes with its credentials.
+            meta["registry_elsewhere"] = True
 
     def _answer_ping(self, flow: http.HTTPFlow) -> None:
         """``/v2/`` with several upstreams: a client authenticated for any of them may
@@ -506,7 +520,9 @@ class RegistryRewrite:
         # client only knows the one of the proxy's own challenge).
         several = len(rules.upstreams) > 1
         upstream_realm, service = self._realm_of(upstream)
-        if upstream_realm is None or (several and service is None):
+        if (upstream_realm is None or (several and service is None)) and (
+            "registry_elsewhere" not in flow.metadata
+        ):
             # e.g. the proxy restarted and the client kept its realm: ask the upstream.
             origin = flow.metadata["registry_default"] if registry == 0 else None
             await self._discover_realm(upstream.key, origin or Origin.parse(upstream.url))
@@ -712,8 +728,9 @@ class RegistryRewrite:
         # Decided: apply.
         for name, values in plan.headers:
             resp.headers.set_all(name, list(values))
-        for learned_realm, service in plan.learned:
-            self._learn_realm(key, learned_realm, service)
+        if "registry_elsewhere" not in flow.metadata:
+            for learned_realm, service in plan.learned:
+                self._learn_realm(key, learned_realm, service)
         if note is not None:
             flow.comment = f"{flow.comment} · {note.comment}" if flow.comment else note.comment
             if note.failed:

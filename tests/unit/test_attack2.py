@@ -307,3 +307,94 @@ async def test_a_failing_small_addon_never_lets_a_flow_through_unmapped(
     assert "injected" in caplog.text  # the fault did happen
     for secret in (BASIC.split()[1], PASSWORD):
         assert secret not in logged
+
+
+@pytest.mark.parametrize("edit", ["host", "port", "scheme"])
+def test_a_replay_to_another_host_carries_no_kept_credential(addon, rules_file, edit):
+    # Credentials are kept out of the flow (mitmweb shows it, files save it) but in
+    # memory for a replay; a replay edited to go to another host took them along.
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        f = flow("/v2/team/app/manifests/1", headers=[("Authorization", BASIC)])
+        addon.requestheaders(f)
+        f.response = Response.make(200, b"{}", {"Content-Type": "application/json"})
+        addon.responseheaders(f)
+        asyncio.run(addon.response(f))
+        assert f.request.headers["Authorization"] == "Basic <redacted>"
+        if edit == "host":
+            f.request.host = "collector.example"
+        elif edit == "port":
+            f.request.port = 8443
+        else:
+            f.request.scheme = "http"
+        f.is_replay, f.response = "request", None
+        addon.requestheaders(f)
+    assert "Authorization" not in f.request.headers
+    assert "without credentials" in f.metadata["registry_replay"]
+
+
+def test_a_replay_to_the_same_host_carries_the_kept_credential(addon, rules_file):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        f = flow("/v2/team/app/manifests/1", headers=[("Authorization", BASIC)])
+        addon.requestheaders(f)
+        f.response = Response.make(200, b"{}", {"Content-Type": "application/json"})
+        addon.responseheaders(f)
+        asyncio.run(addon.response(f))
+        f.request.path = "/v2/team/other/manifests/2"  # another name: same upstream
+        f.is_replay, f.response = "request", None
+        addon.requestheaders(f)
+    assert f.request.headers["Authorization"] == BASIC
+    assert f.request.path == "/v2/acme_team/other/manifests/2"
+
+
+def test_a_replay_sent_elsewhere_teaches_no_realm(addon, rules_file, monkeypatch):
+    # The learned realm is where every client's token request goes, with the client's
+    # credentials: a replay edited to another host must not replace it with that host's.
+    calls = []
+
+    def fetch(method, url, headers, body, tls, timeout):
+        calls.append(url)
+        if url.startswith("https://upstream.test/"):
+            challenge = 'Bearer realm="https://auth.test/token",service="reg"'
+        else:
+            challenge = 'Bearer realm="https://collector.example/token",service="c"'
+        return realm.Reply(401, (("WWW-Authenticate", challenge),), b"")
+
+    monkeypatch.setattr(realm, "fetch", fetch)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        addon.learned["default"] = ("https://auth.test/token", "reg")
+        f = flow("/v2/team/app/manifests/1")
+        addon.requestheaders(f)
+        f.response = Response.make(200, b"{}", {"Content-Type": "application/json"})
+        addon.responseheaders(f)
+        asyncio.run(addon.response(f))
+        f.request.host = "collector.example"
+        f.is_replay, f.response = "request", None
+        addon.requestheaders(f)
+        f.response = Response.make(
+            401,
+            b'{"errors":[{"code":"UNAUTHORIZED","message":"x"}]}',
+            {
+                "Content-Type": "application/json",
+                "WWW-Authenticate": 'Bearer realm="https://collector.example/token",service="c"',
+            },
+        )
+        addon.responseheaders(f)
+        asyncio.run(addon.response(f))
+        assert addon.learned["default"] == ("https://auth.test/token", "reg")
+        # A token request replayed elsewhere, the realm not known yet: not asked there.
+        addon.learned.clear()
+        t = flow("/auth?scope=repository%3Ateam%2Fapp%3Apull", headers=[("Authorization", BASIC)])
+        _run_token(addon, t)
+        t.request.host = "collector.example"
+        t.is_replay, t.response = "request", None
+        _run_token(addon, t)
+        addon.learned.clear()
+        t.request.host = "collector.example"
+        t.is_replay, t.response = "request", None
+        _run_token(addon, t)
+        assert "default" not in addon.learned
+        assert t.response.status_code == 502
+        assert not any("collector.example" in url for url in calls), calls
