@@ -303,10 +303,13 @@ class RegistryRewrite:
     def _requestheaders(self, flow: http.HTTPFlow) -> None:
         rules = self.rules
         req = flow.request
+        # Raw field lookups: mitmproxy's Headers.get costs several µs each on this path.
+        authorization = _raw_header(req.headers, b"authorization")
         if flow.is_replay == "request":
             self._prepare_replay(flow)
+            authorization = _raw_header(req.headers, b"authorization")
         else:
-            self._keep_for_replay(flow, "authorization", req.headers.get("Authorization"))
+            self._keep_for_replay(flow, "authorization", authorization)
             self.live_target = (req.scheme, req.host, req.port)  # the reverse-mode target
         _drop_client_authority(req)
         # In reverse mode the request already targets the default upstream.
@@ -317,12 +320,12 @@ class RegistryRewrite:
             req.path,
             self.cursors,
             self.show_manifests,
-            req.headers.get("Content-Length"),
+            _raw_header(req.headers, b"content-length"),
         )
         meta = flow.metadata
         meta["registry_endpoint"] = endpoint
         meta["registry_upstream"] = meta["registry_default"] = default
-        meta["registry_user"] = _user(req.headers.get("Authorization"))
+        meta["registry_user"] = _user(authorization)
         if isinstance(decision, decide.Refusal):
             _refuse(flow, decision)
         elif isinstance(decision, decide.Ping):
@@ -678,7 +681,7 @@ class RegistryRewrite:
         rules = self.flow_rules.get(flow, self.rules)
         names = {k.lower() for k, _ in resp.headers.fields}
         request_path = api.split_target(flow.request.path)[0]
-        length = resp.headers.get("Content-Length", "")
+        length = _raw_header(resp.headers, b"content-length") or ""
         keep_manifest = (
             self.show_manifests
             and length.isdigit()
@@ -688,7 +691,7 @@ class RegistryRewrite:
         if resp.status_code not in (401, 403) and not (names & _NAMING_HEADERS):
             # Nothing here names a repository or points back at us (most blob and
             # manifest responses): only the body may need work.
-            content_type = resp.headers.get("Content-Type", "")
+            content_type = _raw_header(resp.headers, b"content-type") or ""
             kind = decide.body_rewrite(
                 flow.request.method, resp.status_code, request_path, content_type
             )
@@ -992,7 +995,8 @@ def _show_client_request(flow: http.HTTPFlow) -> None:
     default = meta.get("registry_default")
     req = flow.request
     req.path = target
-    if default is not None:
+    if default is not None and (req.scheme, req.host, req.port) != tuple(default):
+        # (only when retargeted: mitmproxy's host setter also rewrites the Host header)
         req.scheme, req.host, req.port = default[0], default[1], default[2]
 
 
@@ -1035,6 +1039,14 @@ def _drop_client_authority(request: http.Request) -> None:
     for name in list(request.headers.keys()):
         if name.lower() == "forwarded" or name.lower().startswith("x-forwarded-"):
             request.headers.pop(name, None)
+
+
+def _raw_header(headers: http.Headers, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), from the raw fields."""
+    for key, value in headers.fields:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _user(authorization: str | None) -> str | None:

@@ -63,6 +63,7 @@ DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 UPLOAD_ID = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9_.=-]*")
 
 
+@functools.lru_cache(maxsize=4096)  # each flow's path is parsed in several hooks
 def parse_repository_path(path: str) -> RepositoryPath | None:
     """Split a request path (without query) into repository name and endpoint.
 

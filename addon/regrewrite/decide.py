@@ -437,7 +437,9 @@ def decode_body(body: bytes, encoding: str, limit: int = RESPONSE_BODY_CAP) -> b
 def rewrite_body(kind: str, body: bytes, path: str, client_name: api.MapName) -> bytes:
     """The rewritten body; raises ValueError when it cannot be rewritten."""
     if kind == "errors":
-        return api.rewrite_errors(body, client_name)
+        # An empty error body names nothing (some registries send one with a JSON
+        # Content-Type): nothing to rewrite, nothing to fail.
+        return api.rewrite_errors(body, client_name) if body.strip() else body
     if kind == "catalog":
         return api.rewrite_catalog(body, client_name)
     repo = api.parse_repository_path(path)

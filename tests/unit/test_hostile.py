@@ -583,3 +583,13 @@ def test_encoded_bodies_are_decoded_within_the_cap():
     for body, encoding in ((bomb, "gzip"), (b"not gzip", "gzip"), (doc, "br")):
         with pytest.raises(ValueError):
             decide.decode_body(body, encoding)
+
+
+def test_an_empty_json_error_body_passes_but_a_bad_one_fails():
+    from regrewrite import decide
+
+    path = "/v2/acme_team/app/manifests/1"
+    assert decide.rewrite_body("errors", b"", path, lambda n: n) == b""
+    assert decide.rewrite_body("errors", b" \r\n", path, lambda n: n) == b" \r\n"
+    with pytest.raises(ValueError):
+        decide.rewrite_body("errors", b"<html>acme_team/app</html>", path, lambda n: n)
