@@ -398,3 +398,16 @@ def test_a_replay_sent_elsewhere_teaches_no_realm(addon, rules_file, monkeypatch
         assert "default" not in addon.learned
         assert t.response.status_code == 502
         assert not any("collector.example" in url for url in calls), calls
+
+
+async def test_health_refusal_follows_the_metadata_contract(addon, rules_file):
+    # A 405 is the proxy refusing with a 4xx: "denied", with its registry error code
+    # (metrics count denials by it; the decision log prints it).
+    h = Health()
+    with taddons.context(h, addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        f = flow("/livez", "DELETE")
+        assert h.requestheaders(f) is None
+    assert f.response.status_code == 405
+    assert f.metadata["registry_decision"] == "denied"
+    assert f.metadata["registry_error_code"] == "UNSUPPORTED"

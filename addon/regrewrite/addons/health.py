@@ -84,6 +84,8 @@ class Health:
         # set): the client would send its body, and past the cap no answer reaches it.
         flow.request.headers.pop("Expect", None)
         if flow.request.method not in ("GET", "HEAD"):
+            meta["registry_decision"] = "denied"  # a 4xx of the proxy's own
+            meta["registry_error_code"] = "UNSUPPORTED"
             self._answer(flow, 405, api.registry_error("UNSUPPORTED", message="GET or HEAD"))
             flow.response.headers["Allow"] = "GET, HEAD"
             return None
