@@ -824,10 +824,11 @@ class RegistryRewrite:
         (500 for a request, 502 for a response) and nothing half-done goes anywhere."""
         where = f"{type(e).__name__} in {hook}"
         key = (hook, "".join(traceback.format_exception(e)[-2:]))
+        path = flow.request.path.partition("?")[0]  # a query may carry a token or password
         if key not in self.failures_logged and len(self.failures_logged) < 256:
             self.failures_logged.add(key)
             logger.error(
-                f"registry: {where} for {flow.request.method} {flow.request.path[:200]}:\n"
+                f"registry: {where} for {flow.request.method} {path[:200]}:\n"
                 + "".join(traceback.format_exception(e))
             )
         else:

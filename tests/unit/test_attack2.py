@@ -411,3 +411,22 @@ async def test_health_refusal_follows_the_metadata_contract(addon, rules_file):
     assert f.response.status_code == 405
     assert f.metadata["registry_decision"] == "denied"
     assert f.metadata["registry_error_code"] == "UNSUPPORTED"
+
+
+def test_a_failing_token_request_logs_no_query(addon, rules_file, monkeypatch, caplog):
+    # The failure log named the path with its query: a token request may carry
+    # account names, refresh tokens or passwords there (the decision log drops it too).
+    from regrewrite import decide
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(decide, "plan_token", boom)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        addon.learned["default"] = ("https://auth.test/token", "reg")
+        f = flow(f"/auth?scope=repository%3Ateam%2Fapp%3Apull&password={PASSWORD}")
+        _run_token(addon, f)
+    assert f.response.status_code == 500
+    assert "injected" in caplog.text
+    assert PASSWORD not in caplog.text
