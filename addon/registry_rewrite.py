@@ -31,7 +31,7 @@ from regrewrite.addons import client_origin, patches
 from regrewrite.addons.accesslog import AccessLog
 from regrewrite.addons.cache import BlobCache
 from regrewrite.addons.decisionlog import DecisionLog
-from regrewrite.addons.health import Health
+from regrewrite.addons.health import Health, reverse_target
 from regrewrite.addons.metrics import Metrics
 from regrewrite.addons.trusted import TrustedProxies
 from regrewrite.api import Origin
@@ -439,7 +439,7 @@ class RegistryRewrite:
         # The kept credentials go only where they came from: not to a host, port or
         # scheme edited in (a way to read them, or to send them in clear text).
         req = flow.request
-        same = self.live_target == (req.scheme, req.host, req.port)
+        same = self._replay_target(flow) == (req.scheme, req.host, req.port)
         # (registry_public is this pass's: TrustedProxies ran before the core. Or the
         # first pass's, kept; but a flow file stores it as a list: not an origin.)
         for key in [k for k in meta if k.startswith("registry_")]:
@@ -467,10 +467,22 @@ class RegistryRewrite:
             req.content = _restore_form(edited, kept["form"]).encode("latin-1")
         meta["registry_replay"] = note
         if not same:
-            # Sent elsewhere (or where live flows go is not known yet): what that host
+            # Sent elsewhere (or where it should go is not known): what that host
             # advertises is never learned as the upstream's realm, where every client's
             # token request goes with its credentials.
             meta["registry_elsewhere"] = True
+
+    def _replay_target(self, flow: http.HTTPFlow) -> tuple | None:
+        """Where a replay of ``flow`` is meant to go: the reverse-mode target, else where
+        live flows went, else (a replay-only process: no client to mislead) where the
+        flow itself went, as recorded."""
+        url = reverse_target(ctx.options.mode) if "mode" in ctx.options else None
+        if url is not None:
+            return tuple(Origin.parse(url))
+        if self.live_target is not None:
+            return self.live_target
+        recorded = flow.metadata.get("registry_default")
+        return tuple(recorded) if isinstance(recorded, (list, tuple)) else None
 
     def _answer_ping(self, flow: http.HTTPFlow) -> None:
         """``/v2/`` with several upstreams: a client authenticated for any of them may

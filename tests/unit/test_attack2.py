@@ -430,3 +430,28 @@ def test_a_failing_token_request_logs_no_query(addon, rules_file, monkeypatch, c
     assert f.response.status_code == 500
     assert "injected" in caplog.text
     assert PASSWORD not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "mode, live, host, elsewhere",
+    [
+        # In reverse mode the target is known before any live flow.
+        (["reverse:https://upstream.test"], False, "collector.example", True),
+        (["reverse:https://upstream.test"], False, "upstream.test", False),
+        # A replay-only process (mitmdump -n -C): where the flow went, as recorded.
+        (["regular"], False, "upstream.test", False),
+        (["regular"], True, "collector.example", True),
+    ],
+)
+def test_where_a_replay_is_meant_to_go(addon, rules_file, mode, live, host, elsewhere):
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registry_rules=str(rules_file))
+        tctx.options.update(mode=mode)
+        f = flow("/v2/team/app/manifests/1")
+        f.metadata["registry_default"] = ["https", "upstream.test", 443]  # as a file has it
+        if live:
+            addon.requestheaders(flow("/v2/team/app/manifests/1"))
+        f.request.host = host
+        f.is_replay = "request"
+        addon.requestheaders(f)
+    assert ("registry_elsewhere" in f.metadata) is elsewhere
