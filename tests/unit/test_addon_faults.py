@@ -120,38 +120,3 @@ def test_token_request_is_never_streamed(tctx, addon):
     addon.requestheaders(f)
     assert f.response is None and f.metadata["registry_token"]
     assert f.request.stream is False
-
-
-@pytest.mark.parametrize("request_side", [True, False])
-def test_capped_bodies_are_buffered_without_mitmproxys_streaming_switch(request_side):
-    # mitmproxy's own body states apply stream_large_bodies as the buffer grows and
-    # start streaming: a 5 MiB _catalog went to the client unfiltered and a token form
-    # to the upstream's /auth (e2e, stream_large_bodies=1m/16k). Under a cap the
-    # patched state buffers the data itself and never calls the original for it.
-    from types import SimpleNamespace
-
-    from mitmproxy.proxy.layers import http as layers_http
-
-    from regrewrite.addons import patches
-
-    calls = []
-
-    def original(self, event):
-        calls.append(event)
-        yield from ()
-
-    key = patches.REQUEST_CAP if request_side else patches.RESPONSE_CAP
-    stream = SimpleNamespace(
-        flow=SimpleNamespace(metadata={key: 100}),
-        request_body_buf=bytearray(),
-        response_body_buf=bytearray(),
-    )
-    state = patches._capped(original, request_side)
-    event = (layers_http.RequestData if request_side else layers_http.ResponseData)(1, b"x" * 60)
-    assert list(state(stream, event)) == []
-    assert calls == []
-    buf = stream.request_body_buf if request_side else stream.response_body_buf
-    assert bytes(buf) == b"x" * 60
-    end = (layers_http.RequestEndOfMessage if request_side else layers_http.ResponseEndOfMessage)(1)
-    list(state(stream, end))
-    assert calls == [end]  # the end of the message is mitmproxy's to handle
