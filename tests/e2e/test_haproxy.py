@@ -46,8 +46,7 @@ from tests.e2e.upstream import (
     REPO_ROOT,
     LaunchError,
     TestCA,
-    _read_text,
-    _stop_process,
+    _Service,
     free_port,
     wait_for_port,
 )
@@ -94,7 +93,7 @@ class LogEntry:
         return self.uri.split("?", 1)[0]
 
 
-class HAProxy:
+class HAProxy(_Service):
     """`haproxy -f deploy/haproxy.cfg` with its RR_* variables pointing at loopback."""
 
     def __init__(self, ca: TestCA, replicas: list[str]):
@@ -136,31 +135,13 @@ class HAProxy:
             timeout=30,
         )
         assert check.returncode == 0, check.stdout + check.stderr
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["haproxy", "-f", str(HAPROXY_CFG)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env(),
-            )
+        self._launch(["haproxy", "-f", str(HAPROXY_CFG)], self.env(), timeout)
         try:
-            for port in (self.port, self.stats_port):
-                wait_for_port(port, timeout=timeout, proc=self.proc, describe=self.log_text)
+            wait_for_port(self.stats_port, timeout=timeout, proc=self.proc, describe=self.log_text)
         except LaunchError:
             self.stop()
             raise
         return self
-
-    def stop(self) -> None:
-        _stop_process(self.proc)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def log_text(self) -> str:
-        return _read_text(self.log_path)
 
     def stats(self) -> dict[str, dict[str, str]]:
         """The stats CSV rows of backend `replicas`, by server name (and BACKEND)."""
