@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.clients import CONTAINERD_TOOLS, Containerd, require_tools
 from tests.e2e.images import OciImage, OciIndex, build_image, build_index
 from tests.e2e.regclient import RegistryHTTP
 from tests.e2e.upstream import (
@@ -191,3 +192,11 @@ def proxy(request, ca, registry) -> Callable[..., Mitmdump]:
             print(f"----- mitmdump {m.host} log (last {_LOG_TAIL_LINES} lines) -----")
             print(_tail(m.log_text()))
         m.cleanup()
+
+
+@pytest.fixture
+def containerd(registry):
+    """A private containerd (CRI off) for ctr; test modules may configure it further."""
+    require_tools(*CONTAINERD_TOOLS)
+    with Containerd() as c:
+        yield c

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from tests.e2e.clients import CONTAINERD_TOOLS, CommandError, Containerd, require_tools
+from tests.e2e.clients import CommandError
 from tests.e2e.images import fetch_manifest
 from tests.e2e.proxycheck import (
     RULES,
@@ -37,13 +37,6 @@ from tests.e2e.regclient import parse_challenge
 from tests.e2e.upstream import ALICE, BOB
 
 TRANSPORTS = pytest.mark.parametrize("tls", [False, True], ids=["plain-http", "tls"])
-
-
-@pytest.fixture
-def containerd(registry):
-    require_tools(*CONTAINERD_TOOLS)
-    with Containerd() as c:
-        yield c
 
 
 def _proxy_for_ctr(proxy, containerd, ca, http_client, tls: bool):

@@ -15,6 +15,7 @@ request naming the server); its stats CSV gives retries and redispatches. Run wi
 from __future__ import annotations
 
 import csv
+import http.client
 import io
 import os
 import re
@@ -33,7 +34,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import CONTAINERD_TOOLS, Containerd, require_tools
 from tests.e2e.conftest import require_tool
 from tests.e2e.faultkit import pull_image, push_image
 from tests.e2e.images import ACCEPT_MANIFESTS, fetch_manifest
@@ -274,13 +274,6 @@ def cluster(request, ca, registry, proxy, tmp_path):
         ha.cleanup()
 
 
-@pytest.fixture
-def containerd(registry):
-    require_tools(*CONTAINERD_TOOLS)
-    with Containerd() as c:
-        yield c
-
-
 def _replica_counts(entries: list[LogEntry]) -> dict[str, int]:
     counts = Counter(e.server for e in entries)
     return {f"replica{i}": counts.get(f"replica{i}", 0) for i in range(1, REPLICAS + 1)}
@@ -391,6 +384,7 @@ def test_replica_killed_during_concurrent_pulls(
     lock = threading.Lock()
     completed: list[int] = []
     errors: list[str] = []
+    retried: list[str] = []  # raw pulls cut mid-body and retried by the client
 
     def pull(i: int) -> None:
         repo = f"team/ha-{unique}/p{i}"
@@ -401,7 +395,15 @@ def test_replica_killed_during_concurrent_pulls(
                 images[i].digest if images[i].digest in (out / "index.json").read_text() else "?"
             )
         else:
-            digest, _ = pull_image(http_client(ha.url, ALICE), repo, "1")
+            try:
+                digest, _ = pull_image(http_client(ha.url, ALICE), repo, "1")
+            except (http.client.IncompleteRead, ConnectionError) as e:
+                # A transfer cut after its answer had begun (the replica died mid-body):
+                # HAProxy cannot replay it, and every real client retries it (docker 5
+                # times, containerd and skopeo too): so does this one, once, counted.
+                with lock:
+                    retried.append(f"p{i}: {e!r}")
+                digest, _ = pull_image(http_client(ha.url, ALICE), repo, "1")
         if digest != images[i].digest:
             raise AssertionError(f"p{i}: got {digest}, want {images[i].digest}")
         with lock:
@@ -431,6 +433,7 @@ def test_replica_killed_during_concurrent_pulls(
         "pulls": KILL_PULLS,
         "completed": len(completed),
         "failures": len(errors),
+        "client retries (cut mid-body)": len(retried),
         "killed after": killed_at,
         "requests": len(entries),
         **counts,

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from regrewrite.rules import load_rules
-from tests.e2e.clients import CONTAINERD_TOOLS, Containerd, require_tools
 from tests.e2e.conftest import require_tool
 from tests.e2e.images import fetch_manifest
 from tests.e2e.mitmweb import Mitmweb
@@ -272,13 +271,6 @@ def test_readme_curl_lines_read_flows_views_and_run_commands(
 # --------------------------------------------------------------------------------------
 # containerd's hosts.toml, both forms, as the README has them
 # --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def containerd(registry):
-    require_tools(*CONTAINERD_TOOLS)
-    with Containerd() as c:
-        yield c
 
 
 def _hosts_toml(containing: str, proxy_host: str, ca_pem: Path) -> str:

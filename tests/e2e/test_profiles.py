@@ -16,10 +16,8 @@ import urllib.parse
 import pytest
 
 from tests.e2e.clients import (
-    CONTAINERD_TOOLS,
     DOCKER_TOOLS,
     CommandError,
-    Containerd,
     Dockerd,
     require_tools,
 )
@@ -180,13 +178,6 @@ def test_skopeo_push_pull(key, front, proxy, skopeo, make_image, ca, tmp_path, u
 # --------------------------------------------------------------------------------------
 # containerd: pull and push, every profile
 # --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def containerd(registry):
-    require_tools(*CONTAINERD_TOOLS)
-    with Containerd() as c:
-        yield c
 
 
 @ALL
