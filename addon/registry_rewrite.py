@@ -936,11 +936,7 @@ def _secret_free(e: BaseException) -> str:
 
 def _answer(flow: http.HTTPFlow, response: http.Response, comment: str) -> None:
     """Answer the client ourselves (not an error)."""
-    flow.request.stream = False  # never stream a flow we answer
-    # A body sent along (POST /v2/ to the ping answer) is not read past the cap either:
-    # without one mitmproxy read it whole into memory before answering.
-    flow.metadata.setdefault(patches.REQUEST_CAP, decide.REQUEST_BODY_CAP)
-    flow.request.headers.pop("Expect", None)  # (see _refuse)
+    patches.hold_request_body(flow)  # (a POST /v2/ to the ping answer: capped too)
     flow.response = response
     flow.metadata["registry_answered"] = True
     flow.metadata["registry_decision"] = "answered"
@@ -955,11 +951,6 @@ def _refuse(flow: http.HTTPFlow, refusal: decide.Refusal) -> None:
     response = http.Response.make(refusal.status, b"" if head else body, api.JSON_HEADERS)
     if head:
         response.headers["Content-Length"] = str(len(body))  # what GET would send
-    flow.request.stream = False  # never stream a flow we answer
-    # No "100 Continue" for a request we refuse: mitmproxy would send it, the client its
-    # body, and past the cap no error could reach the client any more (mitmproxy only
-    # closes the connection once it has sent an interim answer).
-    flow.request.headers.pop("Expect", None)
     flow.response = response
     meta = flow.metadata
     meta["registry_refused"] = meta["registry_answered"] = True
@@ -967,13 +958,15 @@ def _refuse(flow: http.HTTPFlow, refusal: decide.Refusal) -> None:
     meta["registry_error_code"] = refusal.code
     if refusal.client_name is not None:
         meta["registry_client_name"] = refusal.client_name
-    meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
-    meta[patches.CAP_ERROR] = api.registry_error(
-        refusal.code,
-        refusal.detail,
-        f"{api.ERROR_MESSAGES.get(refusal.code, refusal.code)} (request body over "
-        f"{decide.REQUEST_BODY_CAP} bytes not read)",
-    ).decode()
+    patches.hold_request_body(
+        flow,
+        api.registry_error(
+            refusal.code,
+            refusal.detail,
+            f"{api.ERROR_MESSAGES.get(refusal.code, refusal.code)} (request body over "
+            f"{decide.REQUEST_BODY_CAP} bytes not read)",
+        ).decode(),
+    )
     flow.marked = ":no_entry:"
     flow.comment = (
         f"denied: {refusal.reason}" if refusal.status < 500 else (f"failed: {refusal.reason}")

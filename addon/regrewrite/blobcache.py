@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
 import queue
@@ -68,6 +69,37 @@ def parse_digest(reference: str) -> Digest | None:
     if not all(c in "0123456789abcdef" for c in value):
         return None
     return Digest(algorithm, value)
+
+
+MAX_REFERENCES = 16  # descriptors of one manifest whose access is asked ahead
+
+
+def referenced_digests(manifest: bytes) -> tuple[tuple[str, Digest], ...]:
+    """("blobs" or "manifests", digest) of what an image manifest (config, layers) or
+    an index (manifests) points to, at most MAX_REFERENCES; none for anything else.
+
+    Descriptors with ``urls`` (foreign layers) are left out: a registry need not hold
+    those, so a manifest naming one says nothing about what the repository holds."""
+    try:
+        doc = json.loads(manifest)
+    except ValueError:
+        return ()
+    if not isinstance(doc, dict):
+        return ()
+    descriptors = [("blobs", doc.get("config"))]
+    for field, kind in (("layers", "blobs"), ("manifests", "manifests")):
+        if isinstance(doc.get(field), list):
+            descriptors.extend((kind, d) for d in doc[field])
+    found: dict[Digest, str] = {}
+    for kind, d in descriptors:
+        if not isinstance(d, dict) or "urls" in d or not isinstance(d.get("digest"), str):
+            continue
+        digest = parse_digest(d["digest"])
+        if digest is not None:
+            found.setdefault(digest, kind)
+            if len(found) == MAX_REFERENCES:
+                break
+    return tuple((kind, digest) for digest, kind in found.items())
 
 
 def upstream_dirname(scheme: str, host: str, port: int) -> str:

@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 
 MAX_TOKEN_RESPONSE = 1 << 20  # tokens are a few KiB; anything bigger is not a token
 
-# Keep-alive connections to token services, reused so that a token request costs one
-# round trip rather than a TCP and TLS handshake (several milliseconds) each time.
+# Keep-alive connections to token services (and the blob cache's upstreams), reused so
+# that a request costs one round trip rather than a TCP and TLS handshake each time.
 IDLE_SECONDS = 15.0  # reuse an idle connection this long (servers drop them later)
-MAX_IDLE = 4  # idle connections kept per token service
+MAX_IDLE = 16  # idle connections kept per service (the cache asks in parallel)
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ def layer_bytes(image, digest: str) -> bytes:
     return (image.layout / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
 
 
-def test_miss_then_hit_is_verified_redirected_and_never_by_tag(
+def test_miss_then_hit_is_verified_redirected_and_tags_asked_upstream(
     registry, proxy, http_client, pushed, unique, tmp_path
 ):
     cache = tmp_path / "cache"
@@ -133,7 +133,7 @@ def test_miss_then_hit_is_verified_redirected_and_never_by_tag(
     assert {e.method for e in entries if e.path.endswith(digest)} <= {"HEAD"}
     assert any(e.method == "HEAD" and e.status == 200 for e in entries)
 
-    # The manifest by digest is cached too; by tag it always goes upstream.
+    # The manifest by digest is cached too.
     status, manifest, _ = fetch(client, repo, image.digest, "manifests")
     assert (status, sha256(manifest)) == (200, image.digest)
     registry.mark()
@@ -141,10 +141,15 @@ def test_miss_then_hit_is_verified_redirected_and_never_by_tag(
     assert r.status == 200 and sha256(r.body) == image.digest
     assert r.header("Content-Type") == "application/vnd.oci.image.manifest.v1+json"
     assert not upstream_gets(registry, image.digest)
-    client.request("GET", f"/v2/{repo}/manifests/v1", headers=MANIFEST_ACCEPT)
-    client.request("GET", f"/v2/{repo}/manifests/v1", headers=MANIFEST_ACCEPT)
-    tag_gets = [e for e in registry.access_log(since_mark=True) if e.path.endswith("/v1")]
-    assert [e.status for e in tag_gets if e.method == "GET" and e.status == 200] == [200, 200]
+    # By tag the upstream is asked every time (a HEAD with the client's token names the
+    # digest the tag has now) and the manifest of that digest comes from the cache.
+    for _ in range(2):
+        r = client.request("GET", f"/v2/{repo}/manifests/v1", headers=MANIFEST_ACCEPT)
+        assert r.status == 200 and sha256(r.body) == image.digest
+        assert r.header("Docker-Content-Digest") == image.digest
+        assert r.header("Content-Type") == "application/vnd.oci.image.manifest.v1+json"
+    tag = [e for e in registry.access_log(since_mark=True) if e.path.endswith("/v1")]
+    assert [(e.method, e.status) for e in tag if e.status == 200] == [("HEAD", 200)] * 2
     assert "registry cache" in p.log_text()
 
 
@@ -217,6 +222,66 @@ def test_hit_needs_the_clients_own_rights(
     status, body, location = fetch(http_client(p.url, BOB), unique, digest)
     assert (status, location) == (401, None)
     assert sha256(body) != digest
+
+
+def test_a_tag_is_followed_upstream_and_its_cached_manifest_needs_the_clients_rights(
+    registry, token_server, proxy, http_client, make_image, unique, tmp_path
+):
+    """The manifest behind a tag is served from the cache only after the upstream named
+    its digest to this client: a moved tag gives the new manifest, a client without
+    rights (never granted, or revoked) the upstream's 401."""
+    p = proxy(RULES, extra_args=cache_args(tmp_path / "cache"))
+    first, second = make_image(), make_image()
+    push_image(http_client(registry.url, ALICE), f"library/{unique}", first, "v1")
+
+    def by_tag(creds):
+        r = http_client(p.url, creds).request(
+            "GET", f"/v2/{unique}/manifests/v1", headers=MANIFEST_ACCEPT
+        )
+        return r.status, sha256(r.body)
+
+    assert by_tag(ALICE) == (200, first.digest)  # fetched upstream, cached by its digest
+    registry.mark()
+    assert by_tag(ALICE) == (200, first.digest)
+    tag = [(e.method, e.status) for e in registry.access_log(since_mark=True) if "/v1" in e.path]
+    assert ("HEAD", 200) in tag and ("GET", 200) not in tag  # served from the cache
+
+    push_image(http_client(registry.url, ALICE), f"library/{unique}", second, "v1")
+    assert by_tag(ALICE) == (200, second.digest)  # the tag moved: never a stale answer
+    assert by_tag(ALICE) == (200, second.digest)
+
+    assert by_tag(None)[0] == 401
+    assert by_tag(BOB)[0] == 401
+    acl = token_server.acl.users
+    saved = acl[BOB[0]]
+    acl[BOB[0]] = UserAcl(password=BOB[1], pull=(*saved.pull, f"library/{unique}"))
+    try:
+        assert by_tag(BOB) == (200, second.digest)
+    finally:
+        acl[BOB[0]] = saved
+    status, body = by_tag(BOB)
+    assert status == 401 and body != second.digest
+
+
+def test_a_plain_ping_is_answered_from_the_upstreams_last_answer(
+    registry, proxy, http_client, tmp_path
+):
+    p = proxy(RULES, extra_args=cache_args(tmp_path / "cache"))
+    plain = http_client(p.url, None)
+    answers = []
+    registry.mark()
+    for _ in range(3):
+        r = plain.raw("GET", p.url + "/v2/")
+        answers.append((r.status, r.header("WWW-Authenticate"), r.body))
+    assert answers[0][0] == 401 and p.url in answers[0][1]  # this proxy's realm
+    assert answers[1:] == answers[:1] * 2
+    pings = [e for e in registry.access_log(since_mark=True) if e.path == "/v2/"]
+    assert len(pings) == 1
+    # With a token the upstream judges it (and the pull goes on as before).
+    with_token = http_client(p.url, ALICE)
+    assert with_token.request("GET", "/v2/").status == 200
+    pings = [e for e in registry.access_log(since_mark=True) if e.path == "/v2/"]
+    assert [e.status for e in pings][-1] == 200
 
 
 def test_concurrent_misses_fetch_once(registry, proxy, http_client, pushed, unique, tmp_path):
@@ -440,9 +505,15 @@ def test_skopeo_pulls_warm_through_the_cache(registry, proxy, skopeo, pushed, un
     time.sleep(0.3)
     registry.mark()
     skopeo.copy(src, f"oci:{tmp_path / 'warm'}:x", src_creds=ALICE, tls_verify=False)
+    warm = registry.access_log(since_mark=True)
     for digest in image.blob_digests:
         assert not upstream_gets(registry, digest), digest
         assert (tmp_path / "warm" / "blobs" / "sha256" / digest.split(":")[1]).exists()
+        # One question per blob for this client's new token (asked ahead or not).
+        assert [e.method for e in warm if e.path.endswith(digest)] == ["HEAD"], digest
+    # The ping was answered by the proxy; the tag was asked with a HEAD, nothing fetched.
+    assert not [e for e in warm if e.path == "/v2/"]
+    assert [(e.method, e.status) for e in warm if e.path.endswith("/v1")] == [("HEAD", 200)]
 
 
 def _redirects(mitmdump) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
+import json
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
 from regrewrite import realm
+from regrewrite.addons import cache as cache_addon
 from regrewrite.addons.cache import BlobCache, _manifest_type
 from regrewrite.blobcache import (
     Digest,
@@ -25,6 +27,7 @@ from regrewrite.blobcache import (
     WriteBehind,
     parse_digest,
     parse_size,
+    referenced_digests,
     shared_secret,
 )
 from regrewrite.blobserver import BlobServer
@@ -256,7 +259,7 @@ def test_only_gets_by_digest_of_mapped_flows_are_looked_at(tmp_path, monkeypatch
         monkeypatch.setattr(cache.store, "size", lambda *a: looked.append(a) or None)
         blob = f"/v2/acme/x/blobs/{DIGEST}"
         flows = [
-            _mapped_flow("/v2/acme/x/manifests/latest"),  # a tag: always upstream
+            _mapped_flow("/v2/acme/x/manifests/latest", auth=None),  # a tag, anonymous
             _mapped_flow(blob, "HEAD"),
             _mapped_flow("/v2/acme/x/blobs/md5:" + "a" * 32),
         ]
@@ -301,3 +304,229 @@ def test_anonymous_and_unauthorised_hits_go_upstream(tmp_path, monkeypatch):
             assert f.response is None and "cache bypass" in f.comment
         assert asked == [("HEAD", {"Authorization": "Bearer no"})]
         tctx.configure(cache, registry_cache_dir=None)
+
+
+def put(store: Store, data: bytes) -> Digest:
+    """Store `data` under upstream "up" the way a verified download lands."""
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    outcome = []
+    done = threading.Event()
+    w = WriteBehind(
+        store, "up", digest, max_queued=1 << 30, done=lambda o: (outcome.append(o), done.set())
+    )
+    w.feed(data)
+    w.close(len(data))
+    assert done.wait(10) and outcome == ["stored"]
+    return digest
+
+
+def manifest_naming(*descriptors: dict) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptors[0],
+            "layers": list(descriptors[1:]),
+        }
+    ).encode()
+
+
+def descriptor(digest: Digest, **extra) -> dict:
+    return {"mediaType": "application/octet-stream", "digest": str(digest), "size": 1, **extra}
+
+
+def test_referenced_digests_of_manifests_and_indexes():
+    a, b, c = (Digest("sha256", h * 64) for h in "abc")
+    foreign = descriptor(c, urls=["https://example.com/layer"])
+    assert referenced_digests(manifest_naming(descriptor(a), descriptor(b), foreign)) == (
+        ("blobs", a),
+        ("blobs", b),
+    )
+    index = json.dumps({"manifests": [descriptor(a), descriptor(a), {"digest": "md5:x"}]})
+    assert referenced_digests(index.encode()) == (("manifests", a),)
+    many = manifest_naming(*(descriptor(Digest("sha256", f"{i:064x}")) for i in range(40)))
+    assert len(referenced_digests(many)) == 16
+    for junk in (b"", b"[]", b"{", b'{"layers": "x", "config": 3}', "é".encode()):
+        assert referenced_digests(junk) == ()
+
+
+class Upstream:
+    """A fake realm.fetch: answers HEADs from a table and records what was asked."""
+
+    def __init__(self, answers: dict[str, tuple[int, dict]]):
+        self.answers = answers
+        self.asked: list[tuple[str, str, dict]] = []
+
+    def __call__(self, method, url, headers, body, tls, timeout):
+        path = url.split("://", 1)[1].partition("/")[2]
+        self.asked.append((method, "/" + path, dict(headers)))
+        status, fields = self.answers.get("/" + path, (404, {}))
+        return realm.Reply(status, tuple(fields.items()), b"")
+
+
+@pytest.fixture
+def cache_on(tmp_path, monkeypatch):
+    cache = BlobCache()
+    with taddons.context(cache) as tctx:
+        tctx.configure(cache, registry_cache_dir=str(tmp_path), listen_host="127.0.0.1")
+        monkeypatch.setattr(cache_addon, "upstream_dirname", lambda scheme, host, port: "up")
+        yield cache
+        tctx.configure(cache, registry_cache_dir=None)
+
+
+def test_a_tag_is_asked_upstream_every_time_and_its_manifest_served_from_the_cache(
+    cache_on, monkeypatch
+):
+    cache = cache_on
+    manifest = manifest_naming(descriptor(DIGEST))
+    cached = put(cache.store, manifest)
+    moved = Digest("sha256", "e" * 64)
+    kind = "application/vnd.oci.image.manifest.v1+json"
+    upstream = Upstream(
+        {
+            "/v2/acme/x/manifests/v1": (
+                200,
+                {
+                    "Docker-Content-Digest": str(cached),
+                    "Content-Length": str(len(manifest)),
+                    "Content-Type": kind,
+                    "X-Other": "not relayed",
+                },
+            ),
+            "/v2/acme/x/manifests/v2": (
+                200,
+                {"Docker-Content-Digest": str(moved), "Content-Length": "10"},
+            ),
+            "/v2/acme/x/manifests/gone": (401, {}),
+        }
+    )
+    monkeypatch.setattr("regrewrite.realm.fetch", upstream)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        hit = _mapped_flow("/v2/acme/x/manifests/v1")
+        hit.request.headers["Accept"] = kind
+        await cache.requestheaders(hit)
+        assert hit.response.status_code == 200 and hit.response.content == manifest
+        assert hit.response.headers["Content-Type"] == kind
+        assert hit.response.headers["Docker-Content-Digest"] == str(cached)
+        assert hit.metadata["registry_cache"] == "hit" and "cache hit" in hit.comment
+        assert hit.request.headers["Authorization"] == "Bearer <redacted>"
+        assert upstream.asked[0] == (
+            "HEAD",
+            "/v2/acme/x/manifests/v1",
+            {"Authorization": "Bearer t", "Accept": kind},
+        )
+        head = _mapped_flow("/v2/acme/x/manifests/v1", "HEAD")
+        await cache.requestheaders(head)
+        assert head.response.status_code == 200 and head.response.content == b""
+        assert head.response.headers["Content-Length"] == str(len(manifest))
+        assert "X-Other" not in head.response.headers
+        # The tag moved to a manifest not cached: the GET goes upstream, to be cached
+        # under the digest the HEAD named (only if its content has that digest).
+        moved_flow = _mapped_flow("/v2/acme/x/manifests/v2")
+        await cache.requestheaders(moved_flow)
+        assert moved_flow.response is None
+        assert cache.pending[moved_flow.id].key == ("up", moved)
+        cache.error(moved_flow)
+        # A refusal, an unreachable upstream, or no credential: upstream as it is.
+        refused = _mapped_flow("/v2/acme/x/manifests/gone")
+        anonymous = _mapped_flow("/v2/acme/x/manifests/v1", auth=None)
+        before = len(upstream.asked)
+        for f in (refused, anonymous):
+            await cache.requestheaders(f)
+            assert f.response is None and f.id not in cache.pending
+        assert len(upstream.asked) == before + 1  # the anonymous one asked nothing
+
+    asyncio.run(run())
+
+
+def test_blobs_a_served_manifest_names_are_asked_about_once(cache_on, monkeypatch):
+    cache = cache_on
+    layer = put(cache.store, DATA)
+    not_cached = Digest("sha256", "f" * 64)
+    foreign = put(cache.store, b"foreign layer")
+    manifest = manifest_naming(
+        descriptor(layer), descriptor(not_cached), descriptor(foreign, urls=["https://x/"])
+    )
+    digest = put(cache.store, manifest)
+    upstream = Upstream(
+        {f"/v2/acme/x/manifests/{digest}": (200, {}), f"/v2/acme/x/blobs/{layer}": (200, {})}
+    )
+    release = threading.Event()
+
+    def slow_for_blobs(method, url, *rest):
+        if "/blobs/" in url:
+            assert release.wait(10)
+        return upstream(method, url, *rest)
+
+    monkeypatch.setattr("regrewrite.realm.fetch", slow_for_blobs)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        flow = _mapped_flow(f"/v2/acme/x/manifests/{digest}")
+        await cache.requestheaders(flow)
+        assert flow.response.status_code == 200
+        for _ in range(200):  # the question about the layer goes out ahead of the client
+            if cache.asking:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.ahead == 1
+        blob = _mapped_flow(f"/v2/acme/x/blobs/{layer}")  # asked while the answer is due
+        waiting = asyncio.ensure_future(cache.requestheaders(blob))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        release.set()
+        await waiting
+        assert blob.metadata["registry_cache"] == "hit"  # (relayed: a TLS client here)
+        assert cache.ahead == 0 and not cache.asking
+
+    asyncio.run(run())
+    # One HEAD for the manifest, one for the cached layer (asked ahead, shared with the
+    # client's own request); none for the blob not cached nor for the foreign layer.
+    assert [path for _, path, _ in upstream.asked] == [
+        f"/v2/acme/x/manifests/{digest}",
+        f"/v2/acme/x/blobs/{layer}",
+    ]
+    assert all(h == {"Authorization": "Bearer t"} for _, _, h in upstream.asked)
+
+
+def test_a_plain_ping_is_answered_from_the_last_answer(cache_on, monkeypatch):
+    cache = cache_on
+    challenge = 'Bearer realm="http://proxy/token",service="registry"'
+
+    def ping(auth=None, host="proxy"):
+        f = _mapped_flow("/v2/", auth=auth)
+        f.metadata["registry_endpoint"] = "ping"
+        monkeypatch.setattr(
+            cache_addon, "_public_origin", lambda flow: f"http://{flow.marked or 'proxy'}"
+        )
+        f.marked = host
+        return f
+
+    def answered(f) -> bool:
+        asyncio.run(cache.requestheaders(f))
+        return f.response is not None
+
+    first = ping()
+    assert not answered(first)
+    first.response = tflow.tresp(status_code=401, content=b'{"errors":[]}')
+    first.response.headers["WWW-Authenticate"] = challenge
+    first.response.headers["Set-Cookie"] = "not kept"
+    cache.response(first)
+    again = ping()
+    assert answered(again)
+    assert again.response.status_code == 401 and again.response.content == b'{"errors":[]}'
+    assert again.response.headers["WWW-Authenticate"] == challenge
+    assert "Set-Cookie" not in again.response.headers
+    assert again.metadata["registry_answered"]
+    assert not answered(ping(auth="Bearer t"))  # a token is the upstream's to judge
+    assert not answered(ping(host="other"))  # another public address: another realm
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + cache_addon.PING_SECONDS + 1)
+    assert not answered(ping())
+    for i in range(cache_addon.MAX_PINGS + 10):  # one per Host a client sends: bounded
+        f = ping(host=f"h{i}")
+        f.response = first.response.copy()
+        cache.response(f)
+    assert len(cache.pings) == cache_addon.MAX_PINGS

@@ -28,6 +28,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from mitmproxy import command, ctx, exceptions, http
 
 from regrewrite import api, realm
-from regrewrite.addons import client_origin, core
+from regrewrite.addons import client_origin, core, patches
 from regrewrite.blobcache import (
     Digest,
     Flights,
@@ -46,6 +47,7 @@ from regrewrite.blobcache import (
     WriteBehind,
     parse_digest,
     parse_size,
+    referenced_digests,
     shared_secret,
     upstream_dirname,
 )
@@ -58,10 +60,19 @@ URL_SECONDS = 60  # lifetime of a redirect URL; its blob is not evicted meanwhil
 AUTH_TIMEOUT = 10.0  # seconds for the upstream's yes/no on a hit
 WAIT_SECONDS = 600.0  # longest wait for another request's download of the same blob
 MAX_QUEUED = 32 << 20  # bytes waiting for the disk per blob before caching gives up
+MAX_AHEAD = 32  # blob questions asked ahead of the client at once, over all flows
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
 _AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
 _JSON = {"Docker-Distribution-API-Version": "registry/2.0"}
 SERVE_MODES = ("auto", "redirect", "through")
+PING_SECONDS = 30.0  # an unauthenticated /v2/ is answered from the upstream's answer this long
+PING_BODY_LIMIT = 4096
+MAX_PINGS = 64
+_PING_HEADERS = frozenset(
+    (b"content-type", b"content-encoding", b"www-authenticate", b"docker-distribution-api-version")
+)
+# What an answer to a HEAD by tag relays from the upstream's answer to the same HEAD.
+_TAG_HEADERS = frozenset(("content-type", "content-length", "docker-content-digest", "etag"))
 
 
 @dataclass
@@ -83,6 +94,11 @@ class BlobCache:
         self.grants = Grants(ttl=30.0)
         self.flights = Flights()
         self.pending: dict[str, _Pending] = {}
+        self.asking: dict[bytes, asyncio.Future] = {}  # grant -> the upstream's answer to come
+        self.ahead = 0  # questions asked ahead (_ask_ahead) not answered yet
+        self.tasks: set[asyncio.Task] = set()
+        # (upstream, public origin) -> (until, status, header fields, body) of a plain ping.
+        self.pings: OrderedDict[tuple[str, str], tuple[float, int, tuple, bytes]] = OrderedDict()
         # Files whose digest this process has checked (or written): (path, size, inode).
         self.verified: set[tuple[str, int, int]] = set()
         # Redirect targets handed out, until their URL expires (eviction spares them).
@@ -186,6 +202,7 @@ class BlobCache:
             self.server.stop()
         self.store = self.server = self.signer = None
         self.grants.clear()
+        self.pings.clear()
 
     def running(self):
         self.loop = asyncio.get_running_loop()
@@ -210,59 +227,147 @@ class BlobCache:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self.store is None or flow.response or flow.error or not flow.live:
             return
-        if flow.request.method != "GET" or not _mapped(flow):
+        req = flow.request
+        if req.method not in ("GET", "HEAD") or not _mapped(flow):
             return
-        path, _ = api.split_target(flow.request.path)
+        upstream = upstream_dirname(req.scheme, req.host, req.port)
+        if flow.metadata.get("registry_endpoint") == "ping":
+            if req.method == "GET" and "Authorization" not in req.headers:
+                self._answer_ping(flow, upstream)
+            return
+        path, _ = api.split_target(req.path)
         repo = api.parse_repository_path(path)
         if repo is None or repo.kind not in ("blobs", "manifests"):
             return
         digest = parse_digest(repo.reference)
-        if digest is None:
-            return  # a tag, or a digest we cannot verify: always upstream
-        req = flow.request
-        upstream = upstream_dirname(req.scheme, req.host, req.port)
-        key = (upstream, digest)
-        credential = req.headers.get("Authorization")
-        authorised = False
-        waited = False
         try:
-            while True:
-                # The flight is looked at before the disk: a download lands only after
-                # its file is in place, so "no file" and "no flight" seen in this order
-                # cannot hide a download that finished during the look (measured: it
-                # did, and the blob was fetched twice).
-                flight = self.flights.get(key)
-                size = await asyncio.to_thread(self.store.size, upstream, digest)
-                if size is None and flight is None:
-                    flight = self.flights.get(key)  # one that started during the look
-                if size is None and flight is None:
-                    # A miss: this flow fetches for everyone asking meanwhile.
-                    # (Counted and noted once the upstream answers 200: a refusal is none.)
-                    self.pending[flow.id] = _Pending(key, repo.kind, self.flights.start(key))
-                    return
-                if not credential:
-                    # Anonymous: the cache gives nothing; the upstream decides.
-                    return self._bypass(flow, "anonymous")
-                if not authorised:
-                    authorised = await self._authorise(
-                        flow, upstream, repo.name, digest, credential
-                    )
-                    if not authorised:
-                        return self._bypass(flow, "not authorised")
-                if size is not None:
-                    if await self._serve(flow, repo.kind, upstream, digest, size, waited):
-                        return
-                    continue  # the file failed its check and was removed
-                waited = True
-                self.counts["waits"] += 1
-                try:
-                    await asyncio.wait_for(asyncio.shield(flight), WAIT_SECONDS)
-                except TimeoutError:
-                    return self._bypass(flow, "waited too long")
+            if digest is None:
+                if repo.kind == "manifests":
+                    await self._by_tag(flow, upstream, repo.name)
+                return  # a blob by a digest we cannot verify: always upstream
+            if req.method == "GET":
+                await self._by_digest(flow, upstream, repo.name, repo.kind, digest)
         except Exception:
             # The cache must never fail a pull: the flow goes upstream as it stands.
             logger.exception("registry cache: lookup failed")
             self.pending.pop(flow.id, None)
+
+    async def _by_tag(self, flow: http.HTTPFlow, upstream: str, name: str) -> None:
+        """A manifest by tag: the tag is resolved upstream every time, by a ``HEAD``
+        with the client's own credentials on a kept connection (a new connection per
+        request is what a warm pull spends its time on behind a WAN link). Its answer
+        is a yes for this client, repository and digest: a cached manifest of that
+        digest is served; otherwise the request goes upstream as it is, and what it
+        brings back is cached under the digest once its content matches."""
+        req = flow.request
+        credential = req.headers.get("Authorization")
+        if not credential:
+            return  # (almost always a 401 with the challenge: one request, not two)
+        reply = await self._ask_upstream(
+            _origin_of(flow), req.path, credential, req.headers.get("Accept")
+        )
+        if reply is None or reply.status != 200:
+            return  # the upstream answers the request itself (401, 404, ...)
+        headers = {k.lower(): v for k, v in reply.headers}
+        digest = parse_digest(headers.get("docker-content-digest", ""))
+        length = headers.get("content-length", "")
+        if digest is None or not length.isdigit():
+            return
+        self._remember_grant(credential, Grants.key(credential, upstream, f"{name}@{digest}"))
+        if req.method == "HEAD":
+            # The upstream's own answer to this HEAD, relayed: nothing is served.
+            response = http.Response.make(200, b"", _JSON)
+            response.headers.update({k: v for k, v in headers.items() if k in _TAG_HEADERS})
+            self._answer(flow, response)
+            _comment(flow, "tag resolved upstream")
+            return
+        key = (upstream, digest)
+        size = await asyncio.to_thread(self.store.size, upstream, digest)
+        if size == int(length) and await self._serve(
+            flow, "manifests", upstream, name, digest, size, False, headers.get("content-type")
+        ):
+            return
+        if self.flights.get(key) is None:
+            self.pending[flow.id] = _Pending(key, "manifests", self.flights.start(key))
+
+    async def _by_digest(
+        self, flow: http.HTTPFlow, upstream: str, name: str, kind: str, digest: Digest
+    ) -> None:
+        key = (upstream, digest)
+        credential = flow.request.headers.get("Authorization")
+        authorised = False
+        waited = False
+        while True:
+            # The flight is looked at before the disk: a download lands only after
+            # its file is in place, so "no file" and "no flight" seen in this order
+            # cannot hide a download that finished during the look (measured: it
+            # did, and the blob was fetched twice).
+            flight = self.flights.get(key)
+            size = await asyncio.to_thread(self.store.size, upstream, digest)
+            if size is None and flight is None:
+                flight = self.flights.get(key)  # one that started during the look
+            if size is None and flight is None:
+                # A miss: this flow fetches for everyone asking meanwhile.
+                # (Counted and noted once the upstream answers 200: a refusal is none.)
+                self.pending[flow.id] = _Pending(key, kind, self.flights.start(key))
+                return
+            if not credential:
+                # Anonymous: the cache gives nothing; the upstream decides.
+                return self._bypass(flow, "anonymous")
+            if not authorised:
+                authorised = await self._authorise(flow, upstream, name, digest, credential)
+                if not authorised:
+                    return self._bypass(flow, "not authorised")
+            if size is not None:
+                if await self._serve(flow, kind, upstream, name, digest, size, waited):
+                    return
+                continue  # the file failed its check and was removed
+            waited = True
+            self.counts["waits"] += 1
+            try:
+                await asyncio.wait_for(asyncio.shield(flight), WAIT_SECONDS)
+            except TimeoutError:
+                return self._bypass(flow, "waited too long")
+
+    def _answer_ping(self, flow: http.HTTPFlow, upstream: str) -> None:
+        """``/v2/`` without credentials: the upstream's last answer to the same, when
+        recent. It holds no client's data, only the challenge (with this proxy's realm),
+        and saves a warm pull the round trip on a new upstream connection."""
+        key = (upstream, str(_public_origin(flow)))
+        kept = self.pings.get(key)
+        if kept is None or kept[0] < time.monotonic():
+            return
+        _, status, fields, body = kept
+        self._answer(flow, http.Response.make(status, body, fields))
+        flow.metadata["registry_cache"] = "ping"
+        _comment(flow, "ping: the upstream's answer of the last seconds")
+
+    def _keep_ping(self, flow: http.HTTPFlow) -> None:
+        """Remember the core's answer (challenge already rewritten) to a plain ping."""
+        req, resp = flow.request, flow.response
+        if (
+            resp is None
+            or flow.metadata.get("registry_endpoint") != "ping"
+            or req.method != "GET"
+            or "Authorization" in req.headers
+            or resp.status_code not in (200, 401)
+            or resp.raw_content is None
+            or len(resp.raw_content) > PING_BODY_LIMIT
+            or not _mapped(flow)
+        ):
+            return
+        upstream = upstream_dirname(req.scheme, req.host, req.port)
+        fields = tuple((k, v) for k, v in resp.headers.fields if k.lower() in _PING_HEADERS)
+        key = (upstream, str(_public_origin(flow)))
+        self.pings[key] = (
+            time.monotonic() + PING_SECONDS,
+            resp.status_code,
+            fields,
+            resp.raw_content,
+        )
+        self.pings.move_to_end(key)
+        while len(self.pings) > MAX_PINGS:  # keys hold the Host a client sent: bounded
+            self.pings.popitem(last=False)
 
     def _bypass(self, flow: http.HTTPFlow, why: str) -> None:
         logger.debug(f"registry cache: bypass ({why}) {flow.request.path}")
@@ -278,42 +383,131 @@ class BlobCache:
         The remembered yes names the blob too: a right to one repository must not open
         every cached blob to a client that names them under it (the upstream answers
         404 for a blob the repository does not hold)."""
-        now = time.time()
         grant = Grants.key(credential, upstream, f"{name}@{digest}")
-        if self.grants.allowed(grant, now):
+        if self.grants.allowed(grant, time.time()):
             return True
         req = flow.request
-        url = f"{req.scheme}://{api.Origin(req.scheme, req.host, req.port).netloc}{req.path}"
-        headers = [("Authorization", credential)]
-        if accept := req.headers.get("Accept"):
+        question = self._question(
+            grant, _origin_of(flow), req.path, credential, req.headers.get("Accept")
+        )
+        return await asyncio.shield(question)
+
+    def _question(
+        self, grant: bytes, origin: str, path: str, credential: str, accept: str | None
+    ) -> asyncio.Future:
+        """The upstream's yes or no to `grant` (HEAD of `path`), asked once however many
+        requests wait for it: a blob asked for ahead (see _ask_ahead) and then by the
+        client is one HEAD."""
+        question = self.asking.get(grant)
+        if question is not None:
+            return question
+
+        async def ask() -> bool:
+            reply = await self._ask_upstream(origin, path, credential, accept)
+            if reply is None or reply.status not in _AUTHORISED:
+                return False
+            self._remember_grant(credential, grant)
+            return True
+
+        question = asyncio.ensure_future(ask())
+        self.asking[grant] = question
+
+        def settled(done: asyncio.Future) -> None:
+            if self.asking.get(grant) is done:
+                del self.asking[grant]
+            if not done.cancelled() and done.exception() is not None:
+                logger.warning(f"registry cache: asking the upstream failed: {done.exception()}")
+
+        question.add_done_callback(settled)
+        return question
+
+    def _ask_ahead(
+        self, flow: http.HTTPFlow, upstream: str, name: str, manifest: bytes, credential: str
+    ) -> None:
+        """Once a manifest is served, ask about the cached blobs it names at once, in
+        the background: the client asks for them a moment later and finds the answer
+        there (or on its way) instead of waiting for a HEAD each. Still one question
+        per blob, with the client's own credential; at most MAX_AHEAD at a time."""
+        origin, accept = _origin_of(flow), flow.request.headers.get("Accept")
+        store = self.store
+
+        def cached_references() -> list[tuple[str, Digest]]:
+            found = referenced_digests(manifest)
+            return [(kind, d) for kind, d in found if store.size(upstream, d) is not None]
+
+        async def ahead() -> None:
+            try:
+                references = await asyncio.to_thread(cached_references)
+            except Exception:  # only a speed-up: the client's own requests still ask
+                logger.exception("registry cache: cannot read a manifest's references")
+                return
+            for kind, digest in references:
+                grant = Grants.key(credential, upstream, f"{name}@{digest}")
+                if self.ahead >= MAX_AHEAD:
+                    return
+                if self.grants.allowed(grant, time.time()) or grant in self.asking:
+                    continue
+                self.ahead += 1
+                path = f"/v2/{name}/{kind}/{digest}"
+                question = self._question(
+                    grant, origin, path, credential, accept if kind == "manifests" else None
+                )
+                question.add_done_callback(self._ahead_done)
+
+        task = asyncio.ensure_future(ahead())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _ahead_done(self, _question: asyncio.Future) -> None:
+        self.ahead -= 1
+
+    async def _ask_upstream(
+        self, origin: str, path: str, credential: str | None, accept: str | None
+    ) -> realm.Reply | None:
+        """The upstream's answer to a ``HEAD`` of `path` (a mapped request) with the
+        client's own Authorization and Accept, on a kept connection; None if the
+        upstream cannot be reached."""
+        headers = [("Authorization", credential)] if credential else []
+        if accept:
             headers.append(("Accept", accept))
         try:
             reply = await asyncio.to_thread(
-                realm.fetch, "HEAD", url, headers, None, _tls_for_upstreams(), AUTH_TIMEOUT
+                realm.fetch,
+                "HEAD",
+                origin + path,
+                headers,
+                None,
+                _tls_for_upstreams(),
+                AUTH_TIMEOUT,
             )
         except realm.RealmUnreachable as e:
-            logger.info(f"registry cache: cannot confirm access to {name}: {e}")
-            return False
-        if reply.status not in _AUTHORISED:
-            logger.debug(f"registry cache: upstream answered {reply.status} for {name}")
-            return False
+            logger.info(f"registry cache: cannot ask the upstream about {path}: {e}")
+            return None
+        logger.debug(f"registry cache: upstream answered {reply.status} for HEAD {path}")
+        return reply
+
+    def _remember_grant(self, credential: str, grant: bytes) -> None:
+        """A yes, remembered no longer than the credential's token lives."""
         info = bearer_info(credential)
         expires = (info or {}).get("claims", {}).get("exp")
         if not isinstance(expires, int | float) or isinstance(expires, bool):
             expires = None
-        self.grants.remember(grant, now, expires)
-        return True
+        self.grants.remember(grant, time.time(), expires)
 
     async def _serve(
         self,
         flow: http.HTTPFlow,
         kind: str,
         upstream: str,
+        name: str,
         digest: Digest,
         size: int,
         waited: bool,
+        content_type: str | None = None,
     ) -> bool:
-        """Answer from the cache; False when the file turned out bad (now removed)."""
+        """Answer from the cache; False when the file turned out bad (now removed).
+        A manifest is labelled `content_type` (the upstream's, from its HEAD) or by
+        what it says it is."""
         store = self.store
         path = store.path(upstream, digest)
         try:
@@ -331,12 +525,14 @@ class BlobCache:
             content = await asyncio.to_thread(_read, path)
             if content is None:
                 return False
-            flow.response = http.Response.make(
+            if credential := flow.request.headers.get("Authorization"):
+                self._ask_ahead(flow, upstream, name, content, credential)
+            response = http.Response.make(
                 200,
                 content,
                 {
                     **_JSON,
-                    "Content-Type": _manifest_type(content),
+                    "Content-Type": content_type or _manifest_type(content),
                     "Docker-Content-Digest": str(digest),
                 },
             )
@@ -369,18 +565,25 @@ class BlobCache:
                 await asyncio.to_thread(store.touch, path)
                 return True
             location = f"{scheme}://{host}:{self.server.port}{target}"
-            flow.response = http.Response.make(
+            response = http.Response.make(
                 307,
                 b"",
                 {**_JSON, "Location": location, "Docker-Content-Digest": str(digest)},
             )
         await asyncio.to_thread(store.touch, path)
-        flow.metadata["registry_answered"] = True  # the core leaves our answer alone
+        self._answer(flow, response)
         flow.metadata["registry_cache"] = "wait" if waited else "hit"
         self.counts["hits"] += 1
         _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
-        _redact(flow)
         return True
+
+    @staticmethod
+    def _answer(flow: http.HTTPFlow, response: http.Response) -> None:
+        """Answer the request ourselves; the core leaves the answer alone."""
+        patches.hold_request_body(flow)
+        flow.response = response
+        flow.metadata["registry_answered"] = True
+        _redact(flow)
 
     def _serve_tls(self, host: str) -> bool:
         """Let the blob server speak TLS for `host` with the certificate mitmproxy
@@ -471,6 +674,11 @@ class BlobCache:
         resp.stream = stream
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if self.store is not None and flow.metadata.get("registry_endpoint") == "ping":
+            try:
+                self._keep_ping(flow)
+            except Exception:
+                logger.exception("registry cache: cannot keep the ping answer")
         pending = self.pending.get(flow.id)
         if pending is None or pending.flight is None:
             self.pending.pop(flow.id, None)
@@ -596,6 +804,12 @@ def _mapped(flow: http.HTTPFlow) -> bool:
 def _ident(path: str) -> tuple[str, int, int]:
     st = os.stat(path)
     return path, st.st_size, st.st_ino
+
+
+def _origin_of(flow: http.HTTPFlow) -> str:
+    """scheme://host[:port] the (mapped) request goes to."""
+    req = flow.request
+    return f"{req.scheme}://{api.Origin(req.scheme, req.host, req.port).netloc}"
 
 
 def _read(path: str) -> bytes | None:

@@ -77,12 +77,7 @@ class Health:
         meta["registry_answered"] = True
         meta["registry_endpoint"] = "other"
         meta["registry_decision"] = "answered"
-        # mitmproxy reads a body sent along before it answers: only this much of it.
-        meta[patches.REQUEST_CAP] = decide.REQUEST_BODY_CAP
-        meta[patches.CAP_ERROR] = _BODY_CAP_ERROR
-        # No "100 Continue" (mitmproxy sends one after this hook even with a response
-        # set): the client would send its body, and past the cap no answer reaches it.
-        flow.request.headers.pop("Expect", None)
+        patches.hold_request_body(flow, _BODY_CAP_ERROR)
         if flow.request.method not in ("GET", "HEAD"):
             meta["registry_decision"] = "denied"  # a 4xx of the proxy's own
             meta["registry_error_code"] = "UNSUPPORTED"

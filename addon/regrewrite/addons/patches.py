@@ -25,13 +25,28 @@ from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers import http as layers_http
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3
 
-from regrewrite import api
+from regrewrite import api, decide
 
 REQUEST_CAP = "registry_request_cap"
 RESPONSE_CAP = "registry_response_cap"
 CAP_ERROR = "registry_cap_error"  # the registry JSON error to answer past a cap (str)
 
 _ORIGINALS: dict = {}
+
+
+def hold_request_body(flow: http.HTTPFlow, cap_error: str | None = None) -> None:
+    """Prepare a request the proxy answers itself (any addon, in ``requestheaders``).
+
+    mitmproxy reads a body sent along before it answers: never stream it (streaming
+    with a response set is an error in mitmproxy) and read at most REQUEST_BODY_CAP of
+    it, then 413 with ``cap_error``. No "100 Continue" either: mitmproxy would send one
+    after the hook, the client its body, and past the cap no answer could reach it
+    (mitmproxy only closes the connection once it has sent an interim answer)."""
+    flow.request.stream = False
+    flow.request.headers.pop("Expect", None)
+    flow.metadata.setdefault(REQUEST_CAP, decide.REQUEST_BODY_CAP)
+    if cap_error is not None:
+        flow.metadata[CAP_ERROR] = cap_error
 
 
 def _error_body(status_code: int, message: str) -> bytes:
