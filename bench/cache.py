@@ -1,26 +1,31 @@
 """Benchmark of the blob cache (issue 14) behind a WAN-like link.
 
-    .venv/bin/python bench/cache.py              # 64 MiB image, skopeo and ctr (~5 min)
+    .venv/bin/python bench/cache.py              # 64 MiB image, skopeo and ctr (~10 min)
     .venv/bin/python bench/cache.py --no-ctr --size-mib 16   # quicker
 
 Starts the e2e upstream (test CA, token server, distribution 2.8 with TLS and token
 auth), pushes one image of --size-mib (4 layers of random data) straight into it, and
 puts tests/e2e/throttle.ThrottleRelay in front: --rate bytes/s shared by every
 connection, --delay seconds added to each new connection. Then pulls the image with
-skopeo (into a fresh OCI layout) and ctr (into a fresh containerd each time) through:
+skopeo (into a fresh OCI layout), `ctr images pull` and `ctr content fetch` (the
+registry traffic without unpacking; both into a fresh containerd each time) from:
 
+- the registry itself without the link (the floor: what the client takes on its own);
 - link: the registry over the link, no proxy at all;
 - proxy: mitmdump + the addon, no cache;
 - cache cold / warm: mitmdump + the addon with --set registry_cache_dir (fresh dir);
 - distribution cold / warm: Debian docker-registry with a `proxy:` section (pull-through
-  cache, fresh storage) in front of the same link;
+  cache, fresh storage) in front of the same link, over TLS to skopeo and plain HTTP to
+  ctr (as the proxy is); once with clients that need no login (one account for all, its
+  usual setup) and once with token auth towards its clients too;
 - 10 concurrent cold skopeo pulls through a fresh cache (bytes over the link);
 
-and measures hit throughput of one cached 1/4-size layer fetched with curl from: nginx
-serving the cache directory (sendfile), the cache's own blob server (the 307 target,
-sendfile), and mitmproxy relaying it (registry_cache_serve=through, the TLS-client path).
+and measures hit throughput of one cached blob fetched with curl from: nginx serving
+the cache directory (sendfile), the cache's own blob server (the 307 target, sendfile),
+and mitmproxy relaying it (registry_cache_serve=through, the TLS-client path).
 
-Prints a table and writes bench/results/cache.md. Loopback only; every loop bounded.
+Prints a table with the issue's targets computed from it and writes
+bench/results/cache.md. Loopback only; every loop bounded.
 """
 
 from __future__ import annotations
@@ -66,12 +71,13 @@ MiB = 1 << 20
 
 
 class PullThroughRegistry(Registry):
-    """distribution 2.8 as a pull-through cache (`proxy:`) of `remote`, no auth towards
-    its clients (TLS or plain HTTP, as the client speaks to the proxy); it logs in
-    upstream as alice."""
+    """distribution 2.8 as a pull-through cache (`proxy:`) of `remote` (TLS or plain
+    HTTP, as the client speaks to the proxy); it logs in upstream as alice. Towards its
+    clients no auth, or the test token server's when `tokens` is given (the clients then
+    log in and fetch a token, as they do through the proxy)."""
 
-    def __init__(self, ca: TestCA, remote: str, tls: bool):
-        super().__init__(ca, None, tls=tls)
+    def __init__(self, ca: TestCA, remote: str, tls: bool, tokens: TokenServer | None = None):
+        super().__init__(ca, tokens, tls=tls)
         self.remote = remote
 
     def config(self) -> dict:
@@ -131,8 +137,8 @@ class Bench:
         self.stack.callback(m.cleanup)
         return m
 
-    def pull_through(self, tls: bool) -> PullThroughRegistry:
-        r = PullThroughRegistry(self.ca, self.link.url, tls).start()
+    def pull_through(self, tls: bool, tokens: TokenServer | None = None) -> PullThroughRegistry:
+        r = PullThroughRegistry(self.ca, self.link.url, tls, tokens).start()
         self.stack.callback(r.cleanup)
         return r
 
@@ -150,15 +156,28 @@ class Bench:
         )
         skopeo.cleanup()
 
-    def ctr(self, host: str, repo: str, *, tls: bool, creds) -> float:
+    def ctr(self, host: str, repo: str, *, tls: bool, creds, unpack: bool = True) -> float:
+        """Seconds of `ctr images pull` (with unpacking) or `ctr content fetch` (the
+        registry traffic alone) into a fresh containerd."""
         with Containerd() as c:
             if tls:
                 c.configure_host(host, ca=self.ca.ca_pem)
             else:
                 c.configure_host(host, plain_http=True)
-            start = time.monotonic()
-            c.pull(f"{host}/{repo}:v1", user=":".join(creds) if creds else None, timeout=600)
-            return time.monotonic() - start
+            # A token realm that is not this host (distribution+login's) is reached with
+            # Go's default trust: the test CA.
+            os.environ["SSL_CERT_FILE"] = str(self.ca.ca_pem)
+            try:
+                ref = f"{host}/{repo}:v1"
+                start = time.monotonic()
+                if unpack:
+                    c.pull(ref, user=":".join(creds) if creds else None, timeout=600)
+                else:
+                    auth = ["--user", ":".join(creds)] if creds else []
+                    c.ctr("content", "fetch", *auth, ref, timeout=600)
+                return time.monotonic() - start
+            finally:
+                del os.environ["SSL_CERT_FILE"]
 
     def record(self, client: str, variant: str, runs: list[float]) -> None:
         moved = self.link.bytes_down
@@ -189,7 +208,8 @@ class Bench:
                 self.skopeo(host, repo, tls=tls, creds=creds)
                 runs.append(time.monotonic() - start)
             else:
-                runs.append(self.ctr(host, repo, tls=tls, creds=creds))
+                unpack = client == "ctr"
+                runs.append(self.ctr(host, repo, tls=tls, creds=creds, unpack=unpack))
         self.record(client, variant, runs)
 
     # -- runs --------------------------------------------------------------------------
@@ -223,6 +243,12 @@ class Bench:
             d = self.pull_through(tls=client == "skopeo")
             self.pull(client, "distribution cold", d.host, UPSTREAM_REPO, False, None)
             self.pull(client, "distribution warm", d.host, UPSTREAM_REPO, False, None, warm)
+            d.stop()
+            # The same with clients that must log in, as every client of the proxy does.
+            d = self.pull_through(tls=client == "skopeo", tokens=self.tokens)
+            variant = "distribution+login"
+            self.pull(client, f"{variant} cold", d.host, UPSTREAM_REPO, False, ALICE)
+            self.pull(client, f"{variant} warm", d.host, UPSTREAM_REPO, False, ALICE, warm)
             d.stop()
 
     def concurrent(self, n: int) -> None:
@@ -382,10 +408,9 @@ def targets(bench: Bench, speeds: dict[str, list[float]]) -> list[str]:
     """The issue's targets, computed from this run's rows (nothing typed in by hand)."""
     seconds = {(r["client"], r["variant"]): r["seconds"] for r in bench.rows}
     lines = []
-    for client in ("skopeo", "ctr"):
+    for client in ("skopeo", "ctr", "ctr fetch"):
         cold = seconds.get((client, "proxy+cache cold"))
         warm = seconds.get((client, "proxy+cache warm"))
-        theirs = seconds.get((client, "distribution warm"))
         floor = seconds.get((client, "registry, no link (floor)"))
         if cold is None or warm is None:
             continue
@@ -395,11 +420,16 @@ def targets(bench: Bench, speeds: dict[str, list[float]]) -> list[str]:
             f"({ratio:.1f} ×; the registry itself without the link: {floor:.2f} s) | "
             f"{'yes' if ratio >= 10 else 'no'} |"
         )
-        if theirs is not None:
-            lines.append(
-                f"| {client}: warm ≤ distribution's warm, same run | {warm:.2f} vs "
-                f"{theirs:.2f} s | {'yes' if warm <= theirs else 'no'} |"
-            )
+        for variant, note in (
+            ("distribution warm", "its clients without login"),
+            ("distribution+login warm", "its clients log in too"),
+        ):
+            theirs = seconds.get((client, variant))
+            if theirs is not None:
+                lines.append(
+                    f"| {client}: warm ≤ distribution's warm, same run ({note}) | "
+                    f"{warm:.2f} vs {theirs:.2f} s | {'yes' if warm <= theirs else 'no'} |"
+                )
     for scheme in ("http", "https"):
         nginx = [v for k, v in speeds.items() if k.startswith(f"{scheme}: nginx")]
         ours = [v for k, v in speeds.items() if k.startswith(f"{scheme}: blob server")]
@@ -438,6 +468,7 @@ def main() -> None:
         bench.pulls("skopeo")
         if not args.no_ctr:
             bench.pulls("ctr")
+            bench.pulls("ctr fetch")
         if args.concurrent:
             bench.concurrent(args.concurrent)
         speeds = bench.hit_throughput(args.hit_reps) if args.hit_reps else {}
