@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -118,9 +120,11 @@ VARIANTS = (
 )
 
 
-def curl(url: str, token: str, ca: Path, flag: str) -> tuple[str, float]:
+def curl(url: str, token: str, ca: Path, flag: str, first_bytes: int = 0) -> tuple[str, float]:
+    """GET `url` with curl to /dev/null: (HTTP version, MB/s). `first_bytes`: only those."""
+    ranged = ["-r", f"0-{first_bytes - 1}"] if first_bytes else []
     out = subprocess.run(
-        ["curl", "-sS", flag, "--cacert", str(ca), "-o", "/dev/null"]
+        ["curl", "-sS", flag, "--cacert", str(ca), "-o", "/dev/null", *ranged]
         + ["-H", f"Authorization: Bearer {token}"]
         + ["-w", "%{http_version} %{http_code} %{speed_download}", url],
         capture_output=True,
@@ -128,8 +132,18 @@ def curl(url: str, token: str, ca: Path, flag: str) -> tuple[str, float]:
         timeout=300,
         check=True,
     ).stdout.split()
-    assert out[1] == "200", out
+    assert out[1] == ("206" if first_bytes else "200"), out
     return out[0], float(out[2]) / 1e6
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """user + system CPU time of process `pid` so far (of this process's waited children
+    for None)."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def registry_lines(reg: Registry) -> list[tuple[str, str, str, str]]:
@@ -148,15 +162,32 @@ def proto(version: str) -> str:
     return "HTTP/" + ("2" if version in ("2", "2.0") else version)
 
 
+def tool_versions() -> str:
+    out = []
+    for argv in (["curl", "--version"], ["skopeo", "--version"], ["ctr", "--version"]) + (
+        ["dockerd", "--version"],
+    ):
+        try:
+            first = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+            line = first.splitlines()[0].strip()
+            if argv[0] == "curl":  # its first line lists every library
+                line = " ".join(line.split()[:2] + [w for w in line.split() if "nghttp2" in w])
+            out.append(line)
+        except (OSError, IndexError, subprocess.SubprocessError):
+            out.append(f"{argv[0]} (version unknown)")
+    return "; ".join(out)
+
+
 def agent_name(agent: str) -> str:
     return agent.split("/")[0] or "?"
 
 
-def median_table(speeds, negotiated, size_mib: int) -> list[str]:
+def median_table(speeds, negotiated, cpu) -> list[str]:
     base = statistics.median(speeds["bare default"])
     lines = [
-        "| variant | kind | client side | upstream side | median MB/s | vs bare default | all |",
-        "|---|---|---|---|---:|---:|---|",
+        "| variant | kind | client side | upstream side | median MB/s | vs bare default "
+        "| all MB/s | server CPU s/GiB | curl CPU s/GiB |",
+        "|---|---|---|---|---:|---:|---|---:|---:|",
     ]
     for v in VARIANTS:
         values = speeds.get(v.name)
@@ -166,7 +197,10 @@ def median_table(speeds, negotiated, size_mib: int) -> list[str]:
         client, upstream = negotiated[v.name]
         lines.append(
             f"| {v.name} | {v.group} | {client} | {upstream} | {med:.0f} | "
-            f"{med / base:.2f}x | " + ", ".join(f"{x:.0f}" for x in values) + " |"
+            f"{med / base:.2f}x | "
+            + ", ".join(f"{x:.0f}" for x in values)
+            + f" | {statistics.median(c[0] for c in cpu[v.name]):.1f}"
+            + f" | {statistics.median(c[1] for c in cpu[v.name]):.1f} |"
         )
     return lines
 
@@ -183,7 +217,7 @@ def settings_lines(reports: list[dict]) -> list[str]:
     lines = []
     for r in reports:
         if r["side"] == "client":
-            me, peer = "mitmproxy to client", "client (curl)"
+            me, peer = "mitmproxy to client", "client (curl: no other client spoke HTTP/2)"
         else:
             me, peer = "mitmproxy to upstream", "upstream (distribution)"
         lines += [
@@ -231,9 +265,11 @@ def main() -> None:
         token = direct._tokens[tuple(scopes)]
 
         targets: dict[str, tuple[str, str]] = {}  # variant -> (url, token)
+        pids: dict[str, int] = {}  # variant -> the process serving it
         for v in VARIANTS:
             if v.direct:
                 targets[v.name] = (f"{reg.url}/v2/acme_team/h2/blobs/{digest}", token)
+                pids[v.name] = reg.proc.pid
                 continue
             if v.addon:
                 m = Mitmdump(reg.url, ca, RULES, tls=True, extra_args=list(v.args)).start()
@@ -242,13 +278,22 @@ def main() -> None:
                 team = ["repository:team/h2:pull"]
                 via.request("HEAD", f"/v2/team/h2/blobs/{digest}", scopes=team)
                 targets[v.name] = (f"{m.url}/v2/team/h2/blobs/{digest}", via._tokens[tuple(team)])
+                pids[v.name] = m.proc.pid
             else:
                 m = Mitmdump(reg.url, ca, addon=None, tls=True, extra_args=list(v.args)).start()
                 s.callback(m.cleanup)
                 targets[v.name] = (f"{m.url}/v2/acme_team/h2/blobs/{digest}", token)
+                pids[v.name] = m.proc.pid
+
+        # The first 1 MiB of the blob through each variant first, untimed: a fresh
+        # mitmdump's first request pays for imports and the first handshakes.
+        for v in VARIANTS:
+            url, tok = targets[v.name]
+            curl(url, tok, ca.ca_pem, v.curl, first_bytes=MiB)
 
         speeds: dict[str, list[float]] = {}
         negotiated: dict[str, tuple[str, str]] = {}
+        cpu: dict[str, list[tuple[float, float]]] = {}  # CPU s per GiB: server, curl
         order = list(VARIANTS)
         reps_done = 0
         for rep in range(args.reps):
@@ -257,7 +302,13 @@ def main() -> None:
                 break
             for v in order[rep % len(order) :] + order[: rep % len(order)]:
                 url, tok = targets[v.name]
+                before = cpu_seconds(pids[v.name]), cpu_seconds(None)
                 version, mbs = curl(url, tok, ca.ca_pem, v.curl)
+                after = cpu_seconds(pids[v.name]), cpu_seconds(None)
+                gib = args.size_mib / 1024
+                cpu.setdefault(v.name, []).append(
+                    ((after[0] - before[0]) / gib, (after[1] - before[1]) / gib)
+                )
                 blob_gets = [x for x in registry_lines(reg) if x[0] == "GET" and digest in x[1]]
                 negotiated[v.name] = (proto(version), proto(blob_gets[-1][2]))
                 speeds.setdefault(v.name, []).append(mbs)
@@ -281,7 +332,7 @@ def main() -> None:
             "addon/registry_rewrite.py (no `stream_large_bodies`, it streams itself); "
             "the bare variants run with `--set stream_large_bodies=1`.",
             "",
-            *median_table(speeds, negotiated, args.size_mib),
+            *median_table(speeds, negotiated, cpu),
         ]
 
         # What each side advertises, and what real clients negotiate (not timed).
@@ -338,6 +389,25 @@ def main() -> None:
                     via_proxy.setdefault(agent_name(agent), set()).add(sides)
             elif "h2-settings " in line:
                 reports.append(json.loads(line.split("h2-settings ", 1)[1]))
+
+        # Does a larger advertised frame size change what the upstream sends? (UNSUPPORTED
+        # patch, 16 MiB of the blob.)
+        f = Mitmdump(
+            reg.url,
+            ca,
+            addon=None,
+            tls=True,
+            extra_args=["-s", str(PROBE), "-s", str(UNSUPPORTED)]
+            + ["--set", "h2bench_unsupported=frames", *STREAM],
+        ).start()
+        s.callback(f.cleanup)
+        curl(f"{f.url}/v2/acme_team/h2/blobs/{digest}", token, ca.ca_pem, "--http2", 16 * MiB)
+        f.stop()
+        frames_reports = [
+            json.loads(line.split("h2-settings ", 1)[1])
+            for line in f.log_text().splitlines()
+            if "h2-settings " in line
+        ]
         lines += [
             "",
             "## What each side advertises (curl --http2 through mitmdump + addon, one blob)",
@@ -346,7 +416,14 @@ def main() -> None:
             "",
             *settings_lines(reports),
             "",
+            "With the UNSUPPORTED `frames` patch (mitmproxy advertises MAX_FRAME_SIZE 2**24-1; "
+            "bare mitmdump, the first 16 MiB of the blob):",
+            "",
+            *settings_lines(frames_reports),
+            "",
             "## Protocols negotiated over TLS (ALPN)",
+            "",
+            f"Clients: {tool_versions()}.",
             "",
             "Through the proxy (mitmdump + addon, default options), client side / upstream "
             "side, from each flow:",
