@@ -1,7 +1,8 @@
 """mitmproxy script for bench/http2.py: what each side of the proxy negotiates and advertises.
 
-Logs, per flow, the client's user agent, the HTTP version the client spoke to the proxy and
-the one the upstream answered in (`h2-probe |agent|client version|upstream version`), and,
+Logs, per flow, the client's user agent, the HTTP version the client spoke to the proxy, the
+one the upstream answered in, and the client's TLS version and ALPN offers
+(`h2-probe |agent|client version|upstream version|TLS`), and,
 when an HTTP/2 connection of the proxy closes, what was sent and received on it
 (`h2-settings {json}`): the SETTINGS frames of both peers, the WINDOW_UPDATE frames on the
 connection (stream 0) and on streams, and the DATA frames' count and largest size.
@@ -141,4 +142,9 @@ def server_disconnected(data: server_hooks.ServerConnectionHookData) -> None:
 
 def responseheaders(flow: http.HTTPFlow) -> None:
     agent = flow.request.headers.get("User-Agent", "")
-    logging.info(f"h2-probe |{agent}|{flow.request.http_version}|{flow.response.http_version}")
+    client = flow.client_conn
+    offers = ",".join(a.decode() for a in client.alpn_offers) or "no ALPN"
+    tls = f"{client.tls_version} offering {offers}" if client.tls_established else "no TLS"
+    logging.info(
+        f"h2-probe |{agent}|{flow.request.http_version}|{flow.response.http_version}|{tls}"
+    )
