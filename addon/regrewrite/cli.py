@@ -23,9 +23,10 @@ def version() -> str:
         return "unknown"
 
 
-def rules_path(args: list[str]) -> str:
-    """The rules file the arguments name (``--set registry_rules=...``), or the default."""
-    path = "rules.yaml"
+def set_value(args: list[str], option: str) -> str | None:
+    """The value the arguments give `option` (``--set option=...``, the last one), or
+    None when they do not set it."""
+    found = None
     for i, arg in enumerate(args):
         if arg == "--set" and i + 1 < len(args):
             value = args[i + 1]
@@ -33,9 +34,27 @@ def rules_path(args: list[str]) -> str:
             value = arg.partition("=")[2]
         else:
             continue
-        if value.startswith("registry_rules="):
-            path = value.partition("=")[2]
-    return path
+        name, sep, given = value.partition("=")
+        if sep and name == option:
+            found = given
+    return found
+
+
+def rules_path(args: list[str]) -> str:
+    """The rules file the arguments name, or the default."""
+    return set_value(args, "registry_rules") or "rules.yaml"
+
+
+def defaults(args: list[str]) -> list[str]:
+    """This tool's defaults that differ from mitmdump's, for options the arguments leave
+    alone (mitmdump refuses a second value for an option).
+
+    HTTP/2 off: mitmproxy relays a blob over HTTP/2 at half its HTTP/1.1 speed (h2 builds
+    a repr of every frame it receives; bench/results/http2.md: 115 vs 244 MB/s with the
+    addon). skopeo, containerd and docker offer no HTTP/2 anyway; a client that does
+    (curl) gets HTTP/1.1, which every registry client speaks."""
+    given = set_value(args, "http2") is not None or {"--http2", "--no-http2"} & set(args)
+    return [] if given else ["--set", "http2=false"]
 
 
 def without_script(args: list[str], script: str) -> list[str]:
@@ -85,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     # `addons` list, and their options parse like any other --set. (find_spec: importing
     # the module here would build a second, unused set of addons.)
     script = find_spec("registry_rewrite").origin
-    mitmdump(["-s", script, *without_script(args, script)])
+    mitmdump(["-s", script, *defaults(args), *without_script(args, script)])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def test_arguments_pass_through_with_the_addon_first(monkeypatch, tmp_path):
     args = ["--mode", "reverse:https://up.test", "--set", f"registry_rules={rules}", "-q"]
     cli.main(args)
     (argv,) = seen
-    assert argv[0] == "-s" and argv[2:] == args
+    assert argv[0] == "-s" and argv[2:] == ["--set", "http2=false", *args]
     script = Path(argv[1])
     assert script.name == "registry_rewrite.py" and script.is_file()
     assert "addons = [" in script.read_text()
@@ -76,4 +76,20 @@ def test_the_addon_given_again_with_s_is_loaded_once(monkeypatch, tmp_path):
     script = str(Path(cli.__file__).parent.parent / "registry_rewrite.py")
     cli.main(["-s", script, f"--set=registry_rules={rules}", "--scripts", script, "-q"])
     (argv,) = seen
-    assert argv[2:] == [f"--set=registry_rules={rules}", "-q"]
+    assert argv[2:] == ["--set", "http2=false", f"--set=registry_rules={rules}", "-q"]
+
+
+@pytest.mark.parametrize(
+    "given", [["--set", "http2=true"], ["--set=http2=true"], ["--http2"], ["--no-http2"]]
+)
+def test_http2_is_off_unless_the_arguments_say(monkeypatch, tmp_path, given):
+    seen = []
+    monkeypatch.setattr(mitmproxy.tools.main, "mitmdump", seen.append)
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules: []\n")
+    args = ["--set", f"registry_rules={rules}", *given]
+    cli.main(args)
+    (argv,) = seen
+    assert argv[2:] == args  # the user's choice alone: mitmdump refuses two values
+    assert cli.set_value(["--set", "a=1", "--set", "http2=x", "--set", "http2=y"], "http2") == "y"
+    assert cli.set_value(["--set", "http2"], "http2") is None
