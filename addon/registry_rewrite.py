@@ -802,13 +802,14 @@ class RegistryRewrite:
         try:
             rules = self.flow_rules.get(flow, self.rules)
             path = api.split_target(flow.request.path)[0]
-            content = decide.decode_body(
-                resp.raw_content or b"", resp.headers.get("Content-Encoding", "")
-            )
+            raw = resp.raw_content or b""
+            content = decide.decode_body(raw, resp.headers.get("Content-Encoding", ""))
             args = (kind, content, path, _client_names(rules, flow))
             if len(content) > INLINE_REWRITE and self.work_pool is not None:
                 loop = asyncio.get_running_loop()
-                new = await loop.run_in_executor(self.work_pool, decide.rewrite_body, *args)
+                held = len(raw) + (len(content) if content is not raw else 0)
+                with patches.holding(held):
+                    new = await loop.run_in_executor(self.work_pool, decide.rewrite_body, *args)
             else:
                 new = decide.rewrite_body(*args)
         except Exception as e:  # noqa: BLE001 - never pass on what we could not rewrite

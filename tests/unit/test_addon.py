@@ -161,6 +161,32 @@ async def test_catalog_maps_last_and_filters_and_pages(tctx, addon):
     assert g.request.path == "/v2/_catalog?last=secret%2Fhidden&n=2"
 
 
+async def test_a_big_body_counts_against_the_budget_while_it_waits_for_its_rewrite(
+    tctx, addon, monkeypatch
+):
+    from regrewrite.addons import patches
+
+    seen = []
+
+    def rewrite(*args):
+        seen.append(patches.buffered())  # (in the worker thread, while the flow waits)
+        return b'{"repositories":[]}'
+
+    monkeypatch.setattr(registry_rewrite.decide, "rewrite_body", rewrite)
+    addon.running()
+    body = json.dumps({"repositories": ["acme_team/x" * 10] * 1000}).encode()
+    f = flow("/v2/_catalog")
+    addon.requestheaders(f)
+    respond(f, 200, body, [("Content-Type", "application/json")])
+    addon.responseheaders(f)
+    before = patches.buffered()
+    await addon.response(f)
+    assert len(body) > registry_rewrite.INLINE_REWRITE
+    assert seen == [before + len(body)] and patches.buffered() == before
+    assert f.response.content == b'{"repositories":[]}'
+    addon.done()
+
+
 # --- token endpoint ------------------------------------------------------------------
 
 

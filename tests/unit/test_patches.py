@@ -87,6 +87,24 @@ def test_over_the_budget_of_all_flows_the_next_flow_gets_502(monkeypatch):
     assert feed(third, state_response, b"z" * 60, request=False) == []
 
 
+def test_bodies_waiting_for_their_rewrite_count_against_the_budget(monkeypatch):
+    # Bodies read in full and queued for the two rewrite workers are still in memory:
+    # arrivals after them must not pile up without bound.
+    monkeypatch.setattr(patches, "BUFFER_BUDGET", 100)
+    monkeypatch.setattr(patches, "_buffering", weakref.WeakSet())
+    with patches.holding(70):
+        assert patches.buffered() == 70
+        code, _ = sent_error(
+            feed(Stream(cap=80, request=False), state_response, b"y" * 40, request=False)
+        )
+        assert code == layers_http.ErrorCode.GENERIC_SERVER_ERROR
+    assert patches.buffered() == 0  # given back once the rewrite is done
+    assert feed(Stream(cap=80, request=False), state_response, b"z" * 40, request=False) == []
+    with pytest.raises(ValueError), patches.holding(50):
+        raise ValueError("a rewrite that failed")
+    assert patches.buffered() == 40  # (the stream above, still buffering)
+
+
 @pytest.mark.parametrize("event", [layers_http.RequestEndOfMessage(1)])
 def test_other_events_go_to_mitmproxys_own_state(event):
     s = Stream(cap=10)
