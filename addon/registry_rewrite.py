@@ -804,7 +804,7 @@ class RegistryRewrite:
             path = api.split_target(flow.request.path)[0]
             raw = resp.raw_content or b""
             content = decide.decode_body(raw, resp.headers.get("Content-Encoding", ""))
-            args = (kind, content, path, _client_names(rules, flow))
+            args = (kind, content, path, _client_names(rules, flow), resp.status_code)
             if len(content) > INLINE_REWRITE and self.work_pool is not None:
                 loop = asyncio.get_running_loop()
                 held = len(raw) + (len(content) if content is not raw else 0)
@@ -816,6 +816,8 @@ class RegistryRewrite:
             self._fail(flow, "response", e)
             return
         resp.headers.pop("Content-Encoding", None)
+        if kind == "error-page" and new:
+            resp.headers["Content-Type"] = api.JSON_HEADERS["Content-Type"]
         resp.content = new
 
     def _catalog_cursor(self, upstream_last: str) -> str:

@@ -342,17 +342,22 @@ class ResponsePlan:
     """How an upstream response reaches the client."""
 
     headers: tuple[tuple[str, tuple[str, ...]], ...]  # (name, new values) to set
-    rewrite: str | None  # body to rewrite: "catalog", "tags", "errors"; None: as it is
+    rewrite: str | None  # "catalog", "tags", "errors", "error-page", "redirect"; None: as is
     keep: bool  # buffer the body unchanged (a manifest kept for the content view)
     learned: tuple[tuple[str, str | None], ...]  # (realm, service) from challenges
 
 
 def body_rewrite(method: str, status: int, path: str, content_type: str) -> str | None:
     """Which body rewrite a response needs, if any."""
-    if method == "HEAD" or status in (204, 304):
+    if method == "HEAD" or status in (204, 304) or status < 200:
         return None
     if status >= 400:
-        return "errors" if "json" in content_type.lower() else None
+        # Not JSON (an HTML page, Go's "404 page not found", a gateway's text): nothing
+        # parses it for names, so it is replaced, not passed on.
+        return "errors" if "json" in content_type.lower() else "error-page"
+    if 300 <= status < 400:
+        # The courtesy link in a redirect's body is the Location before its rewrite.
+        return "redirect"
     if not 200 <= status < 300:
         return None  # (any 2xx: a 201 or 203 tags/list or _catalog is no less a listing)
     if api.is_catalog(path):
@@ -434,8 +439,31 @@ def decode_body(body: bytes, encoding: str, limit: int = RESPONSE_BODY_CAP) -> b
     return out
 
 
-def rewrite_body(kind: str, body: bytes, path: str, client_name: api.MapName) -> bytes:
+# The registry error code for an upstream error whose own body is not passed on.
+_CODE_BY_STATUS = {
+    401: "UNAUTHORIZED",
+    403: "DENIED",
+    429: "TOOMANYREQUESTS",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "UNAVAILABLE",
+}
+
+
+def rewrite_body(
+    kind: str, body: bytes, path: str, client_name: api.MapName, status: int = 0
+) -> bytes:
     """The rewritten body; raises ValueError when it cannot be rewritten."""
+    if kind == "redirect":
+        return b""
+    if kind == "error-page":
+        if not body.strip():
+            return body
+        return api.registry_error(
+            _CODE_BY_STATUS.get(status, "UNKNOWN"),
+            message=f"the upstream answered {status} with a body that is not JSON "
+            "(not passed on: it could name upstream repositories)",
+        )
     if kind == "errors":
         # An empty error body names nothing (some registries send one with a JSON
         # Content-Type): nothing to rewrite, nothing to fail.

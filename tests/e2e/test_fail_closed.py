@@ -322,6 +322,14 @@ class Stub:
         elif name.endswith("/badlink"):
             link = f'</v2/{name}/tags/list?last=a; rel="next"'
             h.reply(200, [*json_type, ("Link", link)], b'{"name":"%s","tags":[]}' % name.encode())
+        elif name.endswith("/htmlerror"):
+            h.reply(
+                404, [("Content-Type", "text/html")], b"<p>%s: no such repo</p>" % name.encode()
+            )
+        elif name.endswith("/moved"):
+            target = f"/v2/{name}/manifests/2"
+            body = f'<a href="{target}">Temporary Redirect</a>.'.encode()
+            h.reply(307, [("Location", target), ("Content-Type", "text/html")], body)
         elif name.endswith("/slow"):
             self.slow_started.set()
             time.sleep(self.slow_seconds)
@@ -435,6 +443,22 @@ def test_unparseable_upstream_headers_give_a_json_502(stub, proxy, name):
     assert "acme_team" not in seen and "[::1" not in seen, seen
     assert_json_error(status, headers, body, 502)
     assert stub.requests[-1][1] == path.replace("/v2/team/", "/v2/acme_team/")
+
+
+@pytest.mark.parametrize("name, status", [("htmlerror", 404), ("moved", 307)])
+def test_bodies_nothing_parses_for_names_never_pass(stub, proxy, name, status):
+    # An HTML error page and a redirect's courtesy link name the upstream repository;
+    # the first becomes a registry error, the second an empty body (its Location header
+    # is rewritten as always).
+    m = proxy(RULES, upstream=stub.url)
+    got, headers, body = _get(f"{m.url}/v2/team/x/{name}/manifests/1")
+    assert got == status
+    assert "acme_team" not in json.dumps(headers) + body.decode("latin-1")
+    if status == 307:
+        assert body == b"" and headers["location"].endswith(f"/v2/team/x/{name}/manifests/2")
+    else:
+        assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
+        assert headers["content-type"] == "application/json"
 
 
 # --------------------------------------------------------------------------------------

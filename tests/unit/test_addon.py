@@ -388,6 +388,56 @@ async def test_error_body_names_are_mapped(tctx, addon):
     assert json.loads(f.response.content)["errors"][0]["detail"] == {"name": "team/app"}
 
 
+@pytest.mark.parametrize(
+    "status, content_type, code",
+    [
+        (404, "text/plain; charset=utf-8", "UNKNOWN"),
+        (403, "text/html", "DENIED"),
+        (429, "", "TOOMANYREQUESTS"),
+        (502, "text/html", "UNAVAILABLE"),
+        (500, "text/html", "UNKNOWN"),
+    ],
+)
+async def test_an_error_body_that_is_not_json_is_replaced(tctx, addon, status, content_type, code):
+    # Nothing parses an HTML or text error for names: it never reaches the client.
+    f = flow("/v2/team/app/manifests/nope")
+    addon.requestheaders(f)
+    headers = [("Content-Type", content_type)] if content_type else []
+    respond(f, status, b"<html>acme_team/app is not here</html>", headers)
+    addon.responseheaders(f)
+    assert not f.response.stream
+    await addon.response(f)
+    assert b"acme_team" not in f.response.content
+    assert error_of(f)[:2] == (status, code)
+    assert f.response.headers["Content-Type"] == "application/json"
+    empty = flow("/v2/team/app/manifests/nope")
+    addon.requestheaders(empty)
+    respond(empty, status, b"", headers)
+    addon.responseheaders(empty)
+    await addon.response(empty)
+    assert empty.response.content == b""
+
+
+async def test_a_redirects_body_is_dropped(tctx, addon):
+    # The courtesy link in the body is the Location before its rewrite.
+    f = flow("/v2/team/app/blobs/sha256:ab")
+    addon.requestheaders(f)
+    location = "https://upstream.test/v2/acme_team/app/blobs/sha256:ab"
+    link = f'<a href="{location}">Temporary Redirect</a>.'.encode()
+    respond(f, 307, link, [("Location", location), ("Content-Type", "text/html")])
+    addon.responseheaders(f)
+    await addon.response(f)
+    assert f.response.headers["Location"] == "http://127.0.0.1:5000/v2/team/app/blobs/sha256:ab"
+    assert f.response.content == b"" and f.response.headers["Content-Length"] == "0"
+    storage = flow("/v2/team/app/blobs/sha256:ab")
+    addon.requestheaders(storage)
+    respond(storage, 307, link, [("Location", "https://storage.test/x?sig=1")])
+    addon.responseheaders(storage)
+    await addon.response(storage)
+    assert storage.response.content == b""
+    assert storage.response.headers["Location"] == "https://storage.test/x?sig=1"
+
+
 def test_blob_bodies_are_streamed(tctx, addon):
     f = flow("/v2/team/app/blobs/sha256:ab")
     addon.requestheaders(f)
