@@ -67,6 +67,8 @@ CACHE_STATES = {
     "hit": "hit (served from the cache after the upstream confirmed this client's right)",
     "miss": "miss (fetched from the upstream, cached once its digest matched)",
     "wait": "hit after a single-flight wait (another client's download of it finished)",
+    "challenge": "answered as the upstream answered the same request without credentials "
+    "in the last seconds",
 }
 
 

@@ -829,3 +829,10 @@ def test_cache_line_for_blobs_the_cache_served(state, text):
     out = render(manifest.encode(), Message(is_request=False, status=200, cache=state))
     assert out.startswith("blob cache: ") and "layers: 0" in out
     assert render(b"\x1f\x8b", Message(is_request=False, status=200)) is None
+
+
+def test_cache_line_for_a_remembered_answer_to_a_request_without_credentials():
+    body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+    msg = Message(is_request=False, path="/v2/", status=401, cache="challenge")
+    out = render(body, msg)
+    assert out.startswith("blob cache: answered as the upstream answered") and "UNAUTHORIZED" in out
