@@ -803,7 +803,10 @@ class RegistryRewrite:
             rules = self.flow_rules.get(flow, self.rules)
             path = api.split_target(flow.request.path)[0]
             raw = resp.raw_content or b""
-            content = decide.decode_body(raw, resp.headers.get("Content-Encoding", ""))
+            if kind in decide.REPLACED_UNREAD:
+                content = raw
+            else:
+                content = decide.decode_body(raw, resp.headers.get("Content-Encoding", ""))
             args = (kind, content, path, _client_names(rules, flow), resp.status_code)
             if len(content) > INLINE_REWRITE and self.work_pool is not None:
                 loop = asyncio.get_running_loop()

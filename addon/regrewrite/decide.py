@@ -439,6 +439,9 @@ def decode_body(body: bytes, encoding: str, limit: int = RESPONSE_BODY_CAP) -> b
     return out
 
 
+# Bodies replaced without being decoded or parsed (any Content-Encoding will do).
+REPLACED_UNREAD = frozenset(("redirect", "error-page"))
+
 # The registry error code for an upstream error whose own body is not passed on.
 _CODE_BY_STATUS = {
     401: "UNAUTHORIZED",

@@ -403,13 +403,16 @@ async def test_an_error_body_that_is_not_json_is_replaced(tctx, addon, status, c
     f = flow("/v2/team/app/manifests/nope")
     addon.requestheaders(f)
     headers = [("Content-Type", content_type)] if content_type else []
-    respond(f, status, b"<html>acme_team/app is not here</html>", headers)
+    respond(
+        f, status, b"<html>acme_team/app is not here</html>", [*headers, ("Content-Encoding", "x")]
+    )
     addon.responseheaders(f)
     assert not f.response.stream
     await addon.response(f)
     assert b"acme_team" not in f.response.content
     assert error_of(f)[:2] == (status, code)
     assert f.response.headers["Content-Type"] == "application/json"
+    assert "Content-Encoding" not in f.response.headers
     empty = flow("/v2/team/app/manifests/nope")
     addon.requestheaders(empty)
     respond(empty, status, b"", headers)
@@ -431,7 +434,8 @@ async def test_a_redirects_body_is_dropped(tctx, addon):
     assert f.response.content == b"" and f.response.headers["Content-Length"] == "0"
     storage = flow("/v2/team/app/blobs/sha256:ab")
     addon.requestheaders(storage)
-    respond(storage, 307, link, [("Location", "https://storage.test/x?sig=1")])
+    headers = [("Location", "https://storage.test/x?sig=1"), ("Content-Encoding", "br")]
+    respond(storage, 307, link, headers)  # (not decoded: never read)
     addon.responseheaders(storage)
     await addon.response(storage)
     assert storage.response.content == b""
