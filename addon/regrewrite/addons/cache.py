@@ -97,8 +97,9 @@ class BlobCache:
         self.asking: dict[bytes, asyncio.Future] = {}  # grant -> the upstream's answer to come
         self.ahead = 0  # questions asked ahead (_ask_ahead) not answered yet
         self.tasks: set[asyncio.Task] = set()
-        # (upstream, public origin) -> (until, status, header fields, body) of a plain ping.
-        self.pings: OrderedDict[tuple[str, str], tuple[float, int, tuple, bytes]] = OrderedDict()
+        # (upstream, public origin) -> (until, the core's rules it was made with, status,
+        # header fields, body) of a plain ping.
+        self.pings: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         # Files whose digest this process has checked (or written): (path, size, inode).
         self.verified: set[tuple[str, int, int]] = set()
         # Redirect targets handed out, until their URL expires (eviction spares them).
@@ -335,9 +336,11 @@ class BlobCache:
         and saves a warm pull the round trip on a new upstream connection."""
         key = (upstream, str(_public_origin(flow)))
         kept = self.pings.get(key)
-        if kept is None or kept[0] < time.monotonic():
+        # Made with other rules (reloaded since): its challenge may name another token
+        # path or service.
+        if kept is None or kept[0] < time.monotonic() or kept[1] is not _rules_of(flow):
             return
-        _, status, fields, body = kept
+        _, _, status, fields, body = kept
         self._answer(flow, http.Response.make(status, body, fields))
         flow.metadata["registry_cache"] = "ping"
         _comment(flow, "ping: the upstream's answer of the last seconds")
@@ -354,6 +357,9 @@ class BlobCache:
             or resp.raw_content is None
             or len(resp.raw_content) > PING_BODY_LIMIT
             or not _mapped(flow)
+            # Our own answer from memory: kept again, it would never expire under
+            # steady traffic (the 30 s count from the upstream's answer).
+            or flow.metadata.get("registry_answered")
         ):
             return
         upstream = upstream_dirname(req.scheme, req.host, req.port)
@@ -361,6 +367,7 @@ class BlobCache:
         key = (upstream, str(_public_origin(flow)))
         self.pings[key] = (
             time.monotonic() + PING_SECONDS,
+            _rules_of(flow),
             resp.status_code,
             fields,
             resp.raw_content,
@@ -846,6 +853,12 @@ def _public_origin(flow: http.HTTPFlow) -> api.Origin:
     """Where clients reach this proxy, as the core derives it for the token realm."""
     found = core()
     return found.public_origin(flow) if found is not None else client_origin(flow)
+
+
+def _rules_of(flow: http.HTTPFlow) -> object | None:
+    """The rules the core maps this flow with (None without the core)."""
+    found = core()
+    return found.flow_rules.get(flow, found.rules) if found is not None else None
 
 
 def _comment(flow: http.HTTPFlow, note: str) -> None:
