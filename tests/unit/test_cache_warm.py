@@ -5,6 +5,8 @@ addon/registry_rewrite.py and the upstream faked (``realm.fetch``)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 
 import pytest
@@ -12,9 +14,11 @@ from mitmproxy.http import Response
 from mitmproxy.test import taddons
 
 import registry_rewrite
+from regrewrite import realm
 from regrewrite.addons import cache as cache_addon
 from regrewrite.addons.cache import BlobCache
 from tests.unit.test_addon import flow
+from tests.unit.test_blobcache import descriptor, manifest_naming, put
 
 RULES = """
 token_path: /auth
@@ -26,13 +30,15 @@ UPSTREAM_CHALLENGE = 'Bearer realm="https://auth.upstream.test/token",service="r
 
 
 @pytest.fixture
-def both(tmp_path):
+def both(tmp_path, monkeypatch):
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     core, cache = registry_rewrite.RegistryRewrite(), BlobCache()
     with taddons.context(core, cache) as tctx:
         tctx.configure(core, registry_rules=str(rules))
         tctx.configure(cache, registry_cache_dir=str(tmp_path / "cache"), listen_host="127.0.0.1")
+        # (what tests.unit.test_blobcache.put stores under)
+        monkeypatch.setattr(cache_addon, "upstream_dirname", lambda scheme, host, port: "up")
         yield core, cache
         tctx.configure(cache, registry_cache_dir=None)
 
@@ -85,3 +91,46 @@ def test_a_remembered_ping_does_not_outlive_the_rules_it_was_made_with(both, tmp
 
     second = asyncio.run(reload_and_ping())
     assert 'realm="http://127.0.0.1:5000/token2"' in second.headers["WWW-Authenticate"]
+
+
+def test_questions_to_a_stalled_upstream_leave_the_default_executor_free(both, monkeypatch):
+    """HEADs upstream block a thread each for up to AUTH_TIMEOUT. Asked ahead, a
+    manifest makes up to 16 of them at once: in asyncio's default executor they would
+    hold every worker, and with them the DNS lookups of mitmproxy's upstream
+    connections and the cache's own file looks (to_thread)."""
+    _, cache = both
+    layers = [put(cache.store, f"layer {i}".encode()) for i in range(16)]
+    manifest = manifest_naming(*(descriptor(d) for d in layers))
+    digest = put(cache.store, manifest)
+    release = threading.Event()
+
+    def stalled(method, url, headers, body, tls, timeout):
+        if "/blobs/" in url:
+            release.wait(30)
+            return realm.Reply(404, (), b"")
+        return realm.Reply(200, (), b"")
+
+    monkeypatch.setattr("regrewrite.realm.fetch", stalled)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(4))
+        cache.loop = loop
+        f = flow(f"/v2/acme_team/x/manifests/{digest}", headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        await cache.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 200
+        for _ in range(200):
+            if cache.ahead == len(layers):
+                break
+            await asyncio.sleep(0.01)
+        assert cache.ahead == len(layers)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(lambda: None), 2)
+        finally:
+            release.set()
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()

@@ -20,6 +20,7 @@ never stored in flow.metadata or on disk (a grant is remembered under a hash of 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import json
 import logging
@@ -61,6 +62,7 @@ AUTH_TIMEOUT = 10.0  # seconds for the upstream's yes/no on a hit
 WAIT_SECONDS = 600.0  # longest wait for another request's download of the same blob
 MAX_QUEUED = 32 << 20  # bytes waiting for the disk per blob before caching gives up
 MAX_AHEAD = 32  # blob questions asked ahead of the client at once, over all flows
+ASK_WORKERS = realm.MAX_IDLE  # threads for HEADs upstream (one kept connection each)
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
 _AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
 _JSON = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -97,6 +99,10 @@ class BlobCache:
         self.asking: dict[bytes, asyncio.Future] = {}  # grant -> the upstream's answer to come
         self.ahead = 0  # questions asked ahead (_ask_ahead) not answered yet
         self.tasks: set[asyncio.Task] = set()
+        # HEADs upstream block a thread each for up to AUTH_TIMEOUT: their own pool, so
+        # questions asked ahead never starve asyncio's default executor (which resolves
+        # the upstreams' host names and runs the cache's file looks).
+        self.ask_pool: concurrent.futures.ThreadPoolExecutor | None = None
         # (upstream, public origin) -> (until, the core's rules it was made with, status,
         # header fields, body) of a plain ping.
         self.pings: OrderedDict[tuple[str, str], tuple] = OrderedDict()
@@ -215,6 +221,9 @@ class BlobCache:
 
     def done(self):
         self._close()
+        if self.ask_pool is not None:
+            self.ask_pool.shutdown(wait=False, cancel_futures=True)
+            self.ask_pool = None
 
     @command.command("registry.cache")
     def stats_command(self) -> str:
@@ -477,8 +486,13 @@ class BlobCache:
         headers = [("Authorization", credential)] if credential else []
         if accept:
             headers.append(("Accept", accept))
+        if self.ask_pool is None:
+            self.ask_pool = concurrent.futures.ThreadPoolExecutor(
+                ASK_WORKERS, thread_name_prefix="registry-cache-ask"
+            )
         try:
-            reply = await asyncio.to_thread(
+            reply = await asyncio.get_running_loop().run_in_executor(
+                self.ask_pool,
                 realm.fetch,
                 "HEAD",
                 origin + path,
