@@ -134,3 +134,119 @@ def test_questions_to_a_stalled_upstream_leave_the_default_executor_free(both, m
         asyncio.run(run())
     finally:
         release.set()
+
+
+class Injected(Exception):
+    pass
+
+
+FAULTS = [
+    "_public_origin",
+    "_rules_of",
+    "_origin_of",
+    "_tls_for_upstreams",
+    "referenced_digests",
+    "bearer_info",
+    "parse_digest",
+    "_comment",
+    "_redact",
+    "BlobCache._answer",
+    "BlobCache._answer_ping",
+    "BlobCache._keep_ping",
+    "BlobCache._by_tag",
+    "BlobCache._ask_ahead",
+    "BlobCache._question",
+    "BlobCache._ask_upstream",
+    "BlobCache._remember_grant",
+    "BlobCache._serve",
+    "patches.hold_request_body",
+]
+
+
+def _inject(monkeypatch, name: str) -> list:
+    hits = []
+
+    def boom(*args, **kwargs):
+        hits.append(name)
+        raise Injected(name)
+
+    owner, _, attr = name.rpartition(".")
+    target = {"": cache_addon, "BlobCache": BlobCache, "patches": cache_addon.patches}[owner]
+    monkeypatch.setattr(target, attr, boom)
+    return hits
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fault_in_a_warm_answer_leaves_the_flow_whole(both, monkeypatch, fault):
+    """Whatever raises, each hook returns, and each flow is either answered in full
+    (status, body, credential redacted) or goes upstream exactly as without the cache."""
+    core, cache = both
+    layer = put(cache.store, b"a layer")
+    manifest = manifest_naming(descriptor(layer))
+    digest = put(cache.store, manifest)
+    tag_answer = {
+        "Docker-Content-Digest": str(digest),
+        "Content-Length": str(len(manifest)),
+        "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+    }
+
+    def fetch(method, url, headers, body, tls, timeout):
+        return realm.Reply(200, tuple(tag_answer.items()) if "/manifests/" in url else (), b"")
+
+    monkeypatch.setattr("regrewrite.realm.fetch", fetch)
+    auth = [("Authorization", "Bearer t")]
+    flows = [
+        lambda: flow("/v2/"),
+        lambda: flow("/v2/team/x/manifests/v1", headers=auth),
+        lambda: flow("/v2/team/x/manifests/v1", "HEAD", headers=auth),
+        lambda: flow(f"/v2/team/x/blobs/{layer}", headers=auth),
+    ]
+
+    async def through(f, hits):
+        core.requestheaders(f)
+        sent = (f.request.method, f.request.url, f.request.headers.get("Authorization"))
+        await cache.requestheaders(f)
+        for _ in range(20):  # questions asked ahead settle
+            await asyncio.sleep(0)
+        if f.response is None:
+            assert (
+                f.request.method,
+                f.request.url,
+                f.request.headers.get("Authorization"),
+            ) == sent or f.request.host == "127.0.0.1"  # relayed from the blob server
+            f.response = Response.make(
+                401, b"{}", {"WWW-Authenticate": UPSTREAM_CHALLENGE, "Content-Type": "x"}
+            )
+            core.responseheaders(f)
+            await core.response(f)
+        else:
+            assert f.metadata.get("registry_answered")
+            assert f.request.headers.get("Authorization") in (None, "Bearer <redacted>")
+            assert f.response.status_code in (200, 307, 401)
+        cache.response(f)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        for make in flows:  # fault-free first: a ping kept, grants remembered
+            await through(make(), [])
+        cache.grants.clear()
+        hits = _inject(monkeypatch, fault)
+        for make in flows:
+            await through(make(), hits)
+        for _ in range(200):
+            if not cache.asking and not cache.tasks:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.ahead == 0  # every question asked ahead was counted down
+        return hits
+
+    errors = []
+    loop_errors = lambda loop, context: errors.append(context)  # noqa: E731
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(loop_errors)
+        return await run()
+
+    hits = asyncio.run(main())
+    assert hits, f"{fault} was not reached"
+    assert not errors

@@ -240,17 +240,17 @@ class BlobCache:
         req = flow.request
         if req.method not in ("GET", "HEAD") or not _mapped(flow):
             return
-        upstream = upstream_dirname(req.scheme, req.host, req.port)
-        if flow.metadata.get("registry_endpoint") == "ping":
-            if req.method == "GET" and "Authorization" not in req.headers:
-                self._answer_ping(flow, upstream)
-            return
-        path, _ = api.split_target(req.path)
-        repo = api.parse_repository_path(path)
-        if repo is None or repo.kind not in ("blobs", "manifests"):
-            return
-        digest = parse_digest(repo.reference)
         try:
+            upstream = upstream_dirname(req.scheme, req.host, req.port)
+            if flow.metadata.get("registry_endpoint") == "ping":
+                if req.method == "GET" and "Authorization" not in req.headers:
+                    self._answer_ping(flow, upstream)
+                return
+            path, _ = api.split_target(req.path)
+            repo = api.parse_repository_path(path)
+            if repo is None or repo.kind not in ("blobs", "manifests"):
+                return
+            digest = parse_digest(repo.reference)
             if digest is None:
                 if repo.kind == "manifests":
                     await self._by_tag(flow, upstream, repo.name)
@@ -260,7 +260,7 @@ class BlobCache:
         except Exception:
             # The cache must never fail a pull: the flow goes upstream as it stands.
             logger.exception("registry cache: lookup failed")
-            self.pending.pop(flow.id, None)
+            self._land(flow.id, "failed")  # (waiters for its download are let go)
 
     async def _by_tag(self, flow: http.HTTPFlow, upstream: str, name: str) -> None:
         """A manifest by tag: the tag is resolved upstream every time, by a ``HEAD``
@@ -463,16 +463,24 @@ class BlobCache:
                     return
                 if self.grants.allowed(grant, time.time()) or grant in self.asking:
                     continue
-                self.ahead += 1
                 path = f"/v2/{name}/{kind}/{digest}"
                 question = self._question(
                     grant, origin, path, credential, accept if kind == "manifests" else None
                 )
+                # Counted once asked: a count for a question never asked would never
+                # come down, and MAX_AHEAD of them would stop asking ahead for good.
+                self.ahead += 1
                 question.add_done_callback(self._ahead_done)
 
         task = asyncio.ensure_future(ahead())
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._ahead_ended)
+
+    def _ahead_ended(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Only a speed-up: logged here rather than as a task nobody awaited.
+            logger.warning(f"registry cache: asking ahead failed: {task.exception()!r}")
 
     def _ahead_done(self, _question: asyncio.Future) -> None:
         self.ahead -= 1
@@ -602,9 +610,11 @@ class BlobCache:
     def _answer(flow: http.HTTPFlow, response: http.Response) -> None:
         """Answer the request ourselves; the core leaves the answer alone."""
         patches.hold_request_body(flow)
+        _redact(flow)
+        # Last: should anything above fail, the request goes upstream (the cache never
+        # fails a pull); once answered, no credential is left in the flow.
         flow.response = response
         flow.metadata["registry_answered"] = True
-        _redact(flow)
 
     def _serve_tls(self, host: str) -> bool:
         """Let the blob server speak TLS for `host` with the certificate mitmproxy
