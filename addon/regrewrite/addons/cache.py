@@ -62,6 +62,9 @@ AUTH_TIMEOUT = 10.0  # seconds for the upstream's yes/no on a hit
 WAIT_SECONDS = 600.0  # longest wait for another request's download of the same blob
 MAX_QUEUED = 32 << 20  # bytes waiting for the disk per blob before caching gives up
 MAX_AHEAD = 32  # blob questions asked ahead of the client at once, over all flows
+# Manifests whose blobs are asked about ahead: image manifests and indexes are a few KiB;
+# a 4 MiB one took 94 MB and 0.35 s to parse, again for every pull.
+AHEAD_MANIFEST_LIMIT = 64 << 10
 ASK_WORKERS = realm.MAX_IDLE  # threads for HEADs upstream (one kept connection each)
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
 _AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
@@ -99,9 +102,10 @@ class BlobCache:
         self.asking: dict[bytes, asyncio.Future] = {}  # grant -> the upstream's answer to come
         self.ahead = 0  # questions asked ahead (_ask_ahead) not answered yet
         self.tasks: set[asyncio.Task] = set()
-        # HEADs upstream block a thread each for up to AUTH_TIMEOUT: their own pool, so
-        # questions asked ahead never starve asyncio's default executor (which resolves
-        # the upstreams' host names and runs the cache's file looks).
+        # HEADs upstream block a thread each for up to AUTH_TIMEOUT: their own pool
+        # (with asking ahead's manifest parsing), so questions asked ahead never starve
+        # asyncio's default executor (which resolves the upstreams' host names and runs
+        # the cache's file looks).
         self.ask_pool: concurrent.futures.ThreadPoolExecutor | None = None
         # (upstream, public origin) -> (until, the core's rules it was made with, status,
         # header fields, body) of a plain ping.
@@ -444,6 +448,8 @@ class BlobCache:
         the background: the client asks for them a moment later and finds the answer
         there (or on its way) instead of waiting for a HEAD each. Still one question
         per blob, with the client's own credential; at most MAX_AHEAD at a time."""
+        if len(manifest) > AHEAD_MANIFEST_LIMIT or len(self.tasks) >= MAX_AHEAD:
+            return  # (each task holds its manifest until parsed: bounded in count too)
         origin, accept = _origin_of(flow), flow.request.headers.get("Accept")
         store = self.store
 
@@ -453,7 +459,11 @@ class BlobCache:
 
         async def ahead() -> None:
             try:
-                references = await asyncio.to_thread(cached_references)
+                # (the pool of the questions that follow: asking ahead never holds
+                # threads the client's own lookups need)
+                references = await asyncio.get_running_loop().run_in_executor(
+                    self._ask_pool(), cached_references
+                )
             except Exception:  # only a speed-up: the client's own requests still ask
                 logger.exception("registry cache: cannot read a manifest's references")
                 return
@@ -494,13 +504,9 @@ class BlobCache:
         headers = [("Authorization", credential)] if credential else []
         if accept:
             headers.append(("Accept", accept))
-        if self.ask_pool is None:
-            self.ask_pool = concurrent.futures.ThreadPoolExecutor(
-                ASK_WORKERS, thread_name_prefix="registry-cache-ask"
-            )
         try:
             reply = await asyncio.get_running_loop().run_in_executor(
-                self.ask_pool,
+                self._ask_pool(),
                 realm.fetch,
                 "HEAD",
                 origin + path,
@@ -514,6 +520,13 @@ class BlobCache:
             return None
         logger.debug(f"registry cache: upstream answered {reply.status} for HEAD {path}")
         return reply
+
+    def _ask_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self.ask_pool is None:
+            self.ask_pool = concurrent.futures.ThreadPoolExecutor(
+                ASK_WORKERS, thread_name_prefix="registry-cache-ask"
+            )
+        return self.ask_pool
 
     def _remember_grant(self, credential: str, grant: bytes) -> None:
         """A yes, remembered no longer than the credential's token lives."""
@@ -551,9 +564,10 @@ class BlobCache:
         if kind == "manifests":
             if size > MANIFEST_LIMIT:
                 return False
-            content = await asyncio.to_thread(_read, path)
-            if content is None:
+            read = await asyncio.to_thread(_read_manifest, path)
+            if read is None:
                 return False
+            content, labelled = read
             if credential := flow.request.headers.get("Authorization"):
                 self._ask_ahead(flow, upstream, name, content, credential)
             response = http.Response.make(
@@ -561,7 +575,7 @@ class BlobCache:
                 content,
                 {
                     **_JSON,
-                    "Content-Type": content_type or _manifest_type(content),
+                    "Content-Type": content_type or labelled,
                     "Docker-Content-Digest": str(digest),
                 },
             )
@@ -843,12 +857,14 @@ def _origin_of(flow: http.HTTPFlow) -> str:
     return f"{req.scheme}://{api.Origin(req.scheme, req.host, req.port).netloc}"
 
 
-def _read(path: str) -> bytes | None:
+def _read_manifest(path: str) -> tuple[bytes, str] | None:
+    """A cached manifest and its media type (in a thread: up to 4 MiB of JSON)."""
     try:
         with open(path, "rb") as f:
-            return f.read(MANIFEST_LIMIT + 1)
+            content = f.read(MANIFEST_LIMIT + 1)
     except OSError:
         return None
+    return content, _manifest_type(content)
 
 
 def _manifest_type(content: bytes) -> str:
