@@ -330,3 +330,71 @@ def test_asking_ahead_parses_small_manifests_only_and_boundedly(both, monkeypatc
         asyncio.run(run())
     finally:
         release.set()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"Content-Length": "LEN"},  # no digest
+        {"Docker-Content-Digest": "DIGEST_UPPER", "Content-Length": "LEN"},
+        {"Docker-Content-Digest": "sha256:zz", "Content-Length": "LEN"},
+        {"Docker-Content-Digest": "DIGEST"},  # no length
+        {"Docker-Content-Digest": "DIGEST", "Content-Length": "ten"},
+        {"Docker-Content-Digest": "DIGEST", "Content-Length": "\u00b2"},  # a digit to isdigit
+        {"Docker-Content-Digest": "DIGEST", "Content-Length": "-1"},
+        [("Docker-Content-Digest", "DIGEST"), ("Docker-Content-Digest", "OTHER")]
+        + [("Content-Length", "LEN")],
+        [("Docker-Content-Digest", "DIGEST"), ("Content-Length", "LEN")]
+        + [("Content-Length", "1")],
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_hostile_answer_to_the_tag_head_sends_the_request_upstream(
+    both, monkeypatch, caplog, fields, method
+):
+    """Only one well-formed digest and length resolve a tag; anything else (missing,
+    garbage, conflicting) is the upstream's to answer, with nothing remembered."""
+    _, cache = both
+    manifest = manifest_naming(descriptor(put(cache.store, b"layer")))
+    digest = put(cache.store, manifest)
+    other = put(cache.store, b"other")
+    values = {
+        "DIGEST": str(digest),
+        "DIGEST_UPPER": str(digest).upper(),
+        "OTHER": str(other),
+        "LEN": str(len(manifest)),
+    }
+    items = fields.items() if isinstance(fields, dict) else fields
+    answer = tuple((k, values.get(v, v)) for k, v in items)
+    monkeypatch.setattr("regrewrite.realm.fetch", lambda *a: realm.Reply(200, answer, b""))
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = flow("/v2/acme_team/x/manifests/v1", method, headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        await cache.requestheaders(f)
+        return f
+
+    f = asyncio.run(run())
+    assert f.response is None and f.request.headers["Authorization"] == "Bearer t"
+    assert f.id not in cache.pending
+    assert not cache.grants._until
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_tag_answer_with_repeated_unrelated_fields_still_resolves():
+    digest = "sha256:" + "a" * 64
+    reply = realm.Reply(
+        200,
+        (
+            ("Docker-Content-Digest", digest),
+            ("Content-Length", "12"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),  # (CDNs repeat fields like these)
+            ("docker-content-digest", digest),  # repeated, agreeing
+        ),
+        b"",
+    )
+    resolved = cache_addon.parse_tag_answer(reply)
+    assert resolved is not None and str(resolved[0]) == digest and resolved[1] == 12
+    assert resolved[2] == {"docker-content-digest": digest, "content-length": "12"}

@@ -280,24 +280,21 @@ class BlobCache:
         reply = await self._ask_upstream(
             _origin_of(flow), req.path, credential, req.headers.get("Accept")
         )
-        if reply is None or reply.status != 200:
+        resolved = parse_tag_answer(reply)
+        if resolved is None:
             return  # the upstream answers the request itself (401, 404, ...)
-        headers = {k.lower(): v for k, v in reply.headers}
-        digest = parse_digest(headers.get("docker-content-digest", ""))
-        length = headers.get("content-length", "")
-        if digest is None or not length.isdigit():
-            return
+        digest, length, headers = resolved
         self._remember_grant(credential, Grants.key(credential, upstream, f"{name}@{digest}"))
         if req.method == "HEAD":
             # The upstream's own answer to this HEAD, relayed: nothing is served.
             response = http.Response.make(200, b"", _JSON)
-            response.headers.update({k: v for k, v in headers.items() if k in _TAG_HEADERS})
+            response.headers.update(headers)
             self._answer(flow, response)
             _comment(flow, "tag resolved upstream")
             return
         key = (upstream, digest)
         size = await asyncio.to_thread(self.store.size, upstream, digest)
-        if size == int(length) and await self._serve(
+        if size == length and await self._serve(
             flow, "manifests", upstream, name, digest, size, False, headers.get("content-type")
         ):
             return
@@ -844,6 +841,26 @@ def _mapped(flow: http.HTTPFlow) -> bool:
         return decision == "mapped"
     # Before the core sets registry_decision: it routed the flow and did not answer it.
     return "registry_route" in flow.metadata and not flow.metadata.get("registry_answered")
+
+
+def parse_tag_answer(reply: realm.Reply | None) -> tuple[Digest, int, dict] | None:
+    """(digest, length, the fields of _TAG_HEADERS, lower-cased) of a 200 to a HEAD by
+    tag, when it names exactly one verifiable digest and one length; else None (the
+    upstream answers the request itself). Repeated fields that disagree are no
+    answer: which one a client would believe is anyone's guess."""
+    if reply is None or reply.status != 200:
+        return None
+    headers: dict[str, str] = {}
+    for k, v in reply.headers:
+        k = k.lower()
+        if k in _TAG_HEADERS and headers.setdefault(k, v) != v:
+            return None
+    digest = parse_digest(headers.get("docker-content-digest", ""))
+    length = headers.get("content-length", "")
+    # (isascii: "²" is a digit to isdigit, not to int)
+    if digest is None or not (length.isascii() and length.isdigit()):
+        return None
+    return digest, int(length), headers
 
 
 def _ident(path: str) -> tuple[str, int, int]:
