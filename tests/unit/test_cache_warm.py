@@ -398,3 +398,46 @@ def test_a_tag_answer_with_repeated_unrelated_fields_still_resolves():
     resolved = cache_addon.parse_tag_answer(reply)
     assert resolved is not None and str(resolved[0]) == digest and resolved[1] == 12
     assert resolved[2] == {"docker-content-digest": digest, "content-length": "12"}
+
+
+def test_a_waiter_that_goes_away_does_not_cancel_a_shared_question(both, monkeypatch):
+    """Two requests of one client for one cached blob share one HEAD upstream; the
+    first one's task cancelled (its client gone) leaves the second its answer."""
+    _, cache = both
+    layer = put(cache.store, b"a layer")
+    release = threading.Event()
+    asked = []
+
+    def slow(method, url, headers, body, tls, timeout):
+        asked.append(url)
+        release.wait(10)
+        return realm.Reply(200, (), b"")
+
+    monkeypatch.setattr("regrewrite.realm.fetch", slow)
+
+    def blob():
+        f = flow(f"/v2/acme_team/x/blobs/{layer}", headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        return f
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        first, second = blob(), blob()
+        gone = asyncio.ensure_future(cache.requestheaders(first))
+        stays = asyncio.ensure_future(cache.requestheaders(second))
+        for _ in range(200):
+            if cache.asking and asked:
+                break
+            await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        await stays
+        assert second.metadata.get("registry_cache") == "hit"
+        assert first.response is None
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
+    assert len(asked) == 1
