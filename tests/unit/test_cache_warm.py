@@ -441,3 +441,48 @@ def test_a_waiter_that_goes_away_does_not_cancel_a_shared_question(both, monkeyp
     finally:
         release.set()
     assert len(asked) == 1
+
+
+@pytest.mark.parametrize(
+    "auth, path",
+    [
+        # Bytes no upstream question can carry (http.client sends latin-1 only).
+        (b"Bearer tok\xe2\x82\xacn-SECRET", "/v2/acme_team/x/manifests/v1"),
+        (b"Bearer tok\xffn-SECRET", f"/v2/acme_team/x/blobs/sha256:{'a' * 64}"),
+        # A query that may carry a secret (the core never logs one either).
+        (b"Bearer t", "/v2/acme_team/x/manifests/v1?access_token=SECRET"),
+        (b"Bearer t", "/v2/acme_team/x/manifests/v1?x=SECRET%20&y=\x7f"),
+    ],
+)
+def test_a_question_the_client_makes_unaskable_goes_upstream_quietly(
+    both, monkeypatch, caplog, auth, path
+):
+    """A client's odd bytes make the upstream question fail: the request goes
+    upstream as it is, logged without a traceback and without the secret."""
+    _, cache = both
+    caplog.set_level("DEBUG")
+    put(cache.store, b"a" * 10)
+    digest = put(cache.store, b"x")
+    real_fetch = realm.fetch
+
+    def fetch(method, url, headers, body, tls, timeout):  # the real one, to no server
+        return real_fetch(
+            method, url.replace("upstream.test", "127.0.0.1:9"), headers, body, tls, timeout
+        )
+
+    monkeypatch.setattr("regrewrite.realm.fetch", fetch)
+    if "/blobs/" in path:
+        path = path.replace("a" * 64, digest.hex)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = flow(path)
+        f.request.headers[b"Authorization"] = auth
+        f.metadata["registry_decision"] = "mapped"
+        await cache.requestheaders(f)
+        return f
+
+    f = asyncio.run(run())
+    assert f.response is None and dict(f.request.headers.fields)[b"Authorization"] == auth
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    assert "SECRET" not in caplog.text and "Traceback" not in caplog.text

@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import ssl
 import tempfile
 import threading
@@ -501,6 +502,7 @@ class BlobCache:
         headers = [("Authorization", credential)] if credential else []
         if accept:
             headers.append(("Accept", accept))
+        where = path.partition("?")[0]  # (a query may carry a secret: never logged)
         try:
             reply = await asyncio.get_running_loop().run_in_executor(
                 self._ask_pool(),
@@ -513,9 +515,14 @@ class BlobCache:
                 AUTH_TIMEOUT,
             )
         except realm.RealmUnreachable as e:
-            logger.info(f"registry cache: cannot ask the upstream about {path}: {e}")
+            logger.info(f"registry cache: cannot ask the upstream about {where}: {_unqueried(e)}")
             return None
-        logger.debug(f"registry cache: upstream answered {reply.status} for HEAD {path}")
+        except ValueError as e:
+            # A client's header http.client cannot send (outside latin-1): no question.
+            # Only the type is logged: http.client's message quotes the header.
+            logger.info(f"registry cache: cannot ask the upstream about {where}: {type(e)}")
+            return None
+        logger.debug(f"registry cache: upstream answered {reply.status} for HEAD {where}")
         return reply
 
     def _ask_pool(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -861,6 +868,12 @@ def parse_tag_answer(reply: realm.Reply | None) -> tuple[Digest, int, dict] | No
     if digest is None or not (length.isascii() and length.isdigit()):
         return None
     return digest, int(length), headers
+
+
+def _unqueried(e: Exception) -> str:
+    """An exception's message without the queries of the URLs it quotes (http.client's
+    InvalidURL quotes the whole target)."""
+    return re.sub(r"\?[^'\"\s]*", "?…", str(e))
 
 
 def _ident(path: str) -> tuple[str, int, int]:
