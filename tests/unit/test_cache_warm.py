@@ -18,6 +18,7 @@ import registry_rewrite
 from regrewrite import realm
 from regrewrite.addons import cache as cache_addon
 from regrewrite.addons.cache import BlobCache
+from regrewrite.blobcache import Digest
 from tests.unit.test_addon import flow
 from tests.unit.test_blobcache import descriptor, manifest_naming, put
 
@@ -486,3 +487,37 @@ def test_a_question_the_client_makes_unaskable_goes_upstream_quietly(
     assert f.response is None and dict(f.request.headers.fields)[b"Authorization"] == auth
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
     assert "SECRET" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_a_tag_that_moves_between_head_and_get_is_no_corrupt_upstream(both, monkeypatch, caplog):
+    """The GET by tag brings the manifest the tag names by then: when the tag moved
+    after the HEAD it has another digest. Not cached, and not reported as an upstream
+    sending corrupt data (a warning and the rejected counter are for that)."""
+    _, cache = both
+    old = Digest("sha256", "0" * 64)  # what the HEAD named, not cached
+    new_manifest = manifest_naming(descriptor(put(cache.store, b"layer")))
+    answer = (("Docker-Content-Digest", str(old)), ("Content-Length", str(len(new_manifest))))
+    monkeypatch.setattr("regrewrite.realm.fetch", lambda *a: realm.Reply(200, answer, b""))
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = flow("/v2/acme_team/x/manifests/v1", headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        await cache.requestheaders(f)
+        assert f.response is None and f.id in cache.pending
+        f.response = Response.make(200, new_manifest, {"Content-Type": "x"})
+        f.response.stream = True
+        cache.responseheaders(f)
+        f.response.stream(new_manifest)
+        f.response.stream(b"")
+        cache.response(f)
+        for _ in range(500):
+            if f.id not in cache.pending:
+                break
+            await asyncio.sleep(0.01)
+        assert f.id not in cache.pending and len(cache.flights) == 0
+
+    asyncio.run(run())
+    assert cache.store.size("up", old) is None
+    assert cache.counts["rejected"] == 0
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]

@@ -89,6 +89,7 @@ class _Pending:
     kind: str  # "blobs" or "manifests"
     flight: asyncio.Future | None = None  # set when this flow fetches for everyone
     writer: WriteBehind | None = None
+    by_tag: bool = False  # the digest is what a HEAD by tag named a moment before
 
 
 class BlobCache:
@@ -300,7 +301,7 @@ class BlobCache:
         ):
             return
         if self.flights.get(key) is None:
-            self.pending[flow.id] = _Pending(key, "manifests", self.flights.start(key))
+            self.pending[flow.id] = _Pending(key, "manifests", self.flights.start(key), by_tag=True)
 
     async def _by_digest(
         self, flow: http.HTTPFlow, upstream: str, name: str, kind: str, digest: Digest
@@ -785,7 +786,11 @@ class BlobCache:
             task = asyncio.ensure_future(asyncio.to_thread(self._evict))
             task.add_done_callback(lambda _: self._land(flow_id, outcome))
             return
-        if outcome == "corrupt":
+        if outcome == "corrupt" and pending.by_tag:
+            # Most likely the tag moved between our HEAD and the client's GET (the
+            # client got what the tag names now): no sign of a corrupt upstream.
+            logger.debug(f"registry cache: the tag no longer named {digest}; not cached")
+        elif outcome == "corrupt":
             self.counts["rejected"] += 1
             logger.warning(f"registry cache: {digest} from upstream did not match; not cached")
         elif outcome.startswith("error:"):
