@@ -263,25 +263,32 @@ def test_a_tag_is_followed_upstream_and_its_cached_manifest_needs_the_clients_ri
     assert status == 401 and body != second.digest
 
 
-def test_a_plain_ping_is_answered_from_the_upstreams_last_answer(
-    registry, proxy, http_client, tmp_path
+def test_requests_without_credentials_get_the_upstreams_last_answer(
+    registry, proxy, http_client, pushed, unique, tmp_path
 ):
+    """The ping and a pull request sent before the client has a token (ctr does both
+    every pull) are answered as the upstream answered the same a moment ago; with a
+    token everything goes to the upstream as before."""
+    pushed(f"library/{unique}")
     p = proxy(RULES, extra_args=cache_args(tmp_path / "cache"))
     plain = http_client(p.url, None)
-    answers = []
     registry.mark()
-    for _ in range(3):
-        r = plain.raw("GET", p.url + "/v2/")
-        answers.append((r.status, r.header("WWW-Authenticate"), r.body))
-    assert answers[0][0] == 401 and p.url in answers[0][1]  # this proxy's realm
-    assert answers[1:] == answers[:1] * 2
-    pings = [e for e in registry.access_log(since_mark=True) if e.path == "/v2/"]
-    assert len(pings) == 1
-    # With a token the upstream judges it (and the pull goes on as before).
-    with_token = http_client(p.url, ALICE)
-    assert with_token.request("GET", "/v2/").status == 200
-    pings = [e for e in registry.access_log(since_mark=True) if e.path == "/v2/"]
-    assert [e.status for e in pings][-1] == 200
+    for target in ("/v2/", f"/v2/{unique}/manifests/v1"):
+        answers = []
+        for method in ("GET", "GET", "HEAD", "HEAD"):
+            r = plain.raw(method, p.url + target, headers=MANIFEST_ACCEPT)
+            answers.append((r.status, r.header("WWW-Authenticate"), r.body))
+        assert answers[0][0] == 401 and p.url in answers[0][1]  # this proxy's realm
+        assert answers[1] == answers[0] and answers[3] == answers[2], target
+    upstream = [(e.method, e.path) for e in registry.access_log(since_mark=True)]
+    assert upstream.count(("GET", "/v2/")) == 1 and upstream.count(("HEAD", "/v2/")) == 1
+    tag = f"/v2/library/{unique}/manifests/v1"
+    assert upstream.count(("GET", tag)) == 1 and upstream.count(("HEAD", tag)) == 1
+    # With a token the upstream judges it.
+    manifest = f"/v2/{unique}/manifests/v1"
+    r = http_client(p.url, ALICE).request("GET", manifest, headers=MANIFEST_ACCEPT)
+    assert r.status == 200
+    assert ("GET", tag) in [(e.method, e.path) for e in registry.access_log(since_mark=True)][-2:]
 
 
 def test_concurrent_misses_fetch_once(registry, proxy, http_client, pushed, unique, tmp_path):

@@ -491,16 +491,16 @@ def test_blobs_a_served_manifest_names_are_asked_about_once(cache_on, monkeypatc
     assert all(h == {"Authorization": "Bearer t"} for _, _, h in upstream.asked)
 
 
-def test_a_plain_ping_is_answered_from_the_last_answer(cache_on, monkeypatch):
+@pytest.mark.parametrize("kind", ["ping", "manifests"])
+def test_requests_without_credentials_get_the_upstreams_last_answer(cache_on, monkeypatch, kind):
     cache = cache_on
-    challenge = 'Bearer realm="http://proxy/token",service="registry"'
+    challenge = 'Bearer realm="http://proxy/token",service="registry",scope="x"'
+    monkeypatch.setattr(cache_addon, "_public_origin", lambda flow: f"http://{flow.marked}")
 
-    def ping(auth=None, host="proxy"):
-        f = _mapped_flow("/v2/", auth=auth)
-        f.metadata["registry_endpoint"] = "ping"
-        monkeypatch.setattr(
-            cache_addon, "_public_origin", lambda flow: f"http://{flow.marked or 'proxy'}"
-        )
+    def request(auth=None, host="proxy", method="GET", name="acme/x"):
+        f = _mapped_flow(f"/v2/{name}/manifests/v1" if kind != "ping" else "/v2/", method, auth)
+        f.metadata["registry_endpoint"] = kind
+        f.metadata["registry_client_name"] = "x"
         f.marked = host
         return f
 
@@ -508,25 +508,35 @@ def test_a_plain_ping_is_answered_from_the_last_answer(cache_on, monkeypatch):
         asyncio.run(cache.requestheaders(f))
         return f.response is not None
 
-    first = ping()
+    def upstream_says(f, status=401):
+        f.response = tflow.tresp(status_code=status, content=b'{"errors":[]}')
+        f.response.headers["WWW-Authenticate"] = challenge
+        f.response.headers["Set-Cookie"] = "not kept"
+        cache.response(f)
+
+    first = request()
     assert not answered(first)
-    first.response = tflow.tresp(status_code=401, content=b'{"errors":[]}')
-    first.response.headers["WWW-Authenticate"] = challenge
-    first.response.headers["Set-Cookie"] = "not kept"
-    cache.response(first)
-    again = ping()
+    upstream_says(first)
+    again = request()
     assert answered(again)
     assert again.response.status_code == 401 and again.response.content == b'{"errors":[]}'
     assert again.response.headers["WWW-Authenticate"] == challenge
     assert "Set-Cookie" not in again.response.headers
     assert again.metadata["registry_answered"]
-    assert not answered(ping(auth="Bearer t"))  # a token is the upstream's to judge
-    assert not answered(ping(host="other"))  # another public address: another realm
+    assert not answered(request(auth="Bearer t"))  # a token is the upstream's to judge
+    assert not answered(request(host="other"))  # another public address: another realm
+    if kind != "ping":
+        assert not answered(request(name="acme/y"))  # another repository
+        assert not answered(request(method="HEAD"))  # another method (no body)
+        found = request(name="acme/open")
+        assert not answered(found)
+        upstream_says(found, 200)  # a repository's content is never given again
+        assert not answered(request(name="acme/open"))
     now = time.monotonic()
-    monkeypatch.setattr(time, "monotonic", lambda: now + cache_addon.PING_SECONDS + 1)
-    assert not answered(ping())
-    for i in range(cache_addon.MAX_PINGS + 10):  # one per Host a client sends: bounded
-        f = ping(host=f"h{i}")
-        f.response = first.response.copy()
-        cache.response(f)
-    assert len(cache.pings) == cache_addon.MAX_PINGS
+    monkeypatch.setattr(time, "monotonic", lambda: now + cache_addon.PLAIN_SECONDS + 1)
+    assert not answered(request())
+    for i in range(cache_addon.MAX_PLAIN + 10):  # one per Host a client sends: bounded
+        f = request(host=f"h{i}")
+        answered(f)
+        upstream_says(f)
+    assert len(cache.plain) == cache_addon.MAX_PLAIN

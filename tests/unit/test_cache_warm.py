@@ -76,7 +76,7 @@ def test_a_remembered_ping_is_not_remembered_again_from_its_own_answer(both, mon
     for later in (10, 20, 29):  # answered from memory, a client every 10 s
         monkeypatch.setattr(time, "monotonic", lambda later=later: now + later)
         asyncio.run(ping(core, cache, None))
-    monkeypatch.setattr(time, "monotonic", lambda: now + cache_addon.PING_SECONDS + 1)
+    monkeypatch.setattr(time, "monotonic", lambda: now + cache_addon.PLAIN_SECONDS + 1)
     asyncio.run(ping(core, cache))  # the upstream is asked again
 
 
@@ -145,6 +145,7 @@ class Injected(Exception):
 FAULTS = [
     "_public_origin",
     "_rules_of",
+    "_plain_key",
     "_origin_of",
     "_tls_for_upstreams",
     "referenced_digests",
@@ -153,8 +154,8 @@ FAULTS = [
     "_comment",
     "_redact",
     "BlobCache._answer",
-    "BlobCache._answer_ping",
-    "BlobCache._keep_ping",
+    "BlobCache._answer_plain",
+    "BlobCache._keep_plain",
     "BlobCache._by_tag",
     "BlobCache._ask_ahead",
     "BlobCache._question",
