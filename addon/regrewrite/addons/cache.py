@@ -523,7 +523,9 @@ class BlobCache:
         except ValueError as e:
             # A client's header http.client cannot send (outside latin-1): no question.
             # Only the type is logged: http.client's message quotes the header.
-            logger.info(f"registry cache: cannot ask the upstream about {where}: {type(e)}")
+            logger.info(
+                f"registry cache: cannot ask the upstream about {where}: {type(e).__name__}"
+            )
             return None
         logger.debug(f"registry cache: upstream answered {reply.status} for HEAD {where}")
         return reply
