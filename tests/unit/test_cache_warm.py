@@ -522,3 +522,47 @@ def test_a_tag_that_moves_between_head_and_get_is_no_corrupt_upstream(both, monk
     assert cache.store.size("up", old) is None
     assert cache.counts["rejected"] == 0
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+
+
+def test_forwarding_headers_of_an_untrusted_client_do_not_poison_a_remembered_answer(
+    tmp_path, monkeypatch
+):
+    """Only a trusted balancer's X-Forwarded-* set the public address, which keys the
+    remembered answer and names its realm: a client sending its own gets (and leaves)
+    the answer for the address it really came in on."""
+    from regrewrite.addons.trusted import TrustedProxies
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    trusted, core, cache = TrustedProxies(), registry_rewrite.RegistryRewrite(), BlobCache()
+    with taddons.context(trusted, core, cache) as tctx:
+        tctx.configure(trusted, registry_trusted_proxies="10.0.0.1")
+        tctx.configure(core, registry_rules=str(rules))
+        tctx.configure(cache, registry_cache_dir=str(tmp_path / "cache"), listen_host="127.0.0.1")
+
+        async def ping(forwarded: bool, peer: str) -> Response:
+            headers = [("X-Forwarded-Host", "evil.example"), ("X-Forwarded-Proto", "https")]
+            f = flow("/v2/", headers=headers if forwarded else [])
+            f.client_conn.peername = (peer, 40000)
+            trusted.requestheaders(f)
+            core.requestheaders(f)
+            await cache.requestheaders(f)
+            if f.response is None:
+                f.response = Response.make(
+                    401,
+                    b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+                    {"Content-Type": "application/json", "WWW-Authenticate": UPSTREAM_CHALLENGE},
+                )
+                core.responseheaders(f)
+                await core.response(f)
+            cache.response(f)
+            return f.response
+
+        first = asyncio.run(ping(True, "192.0.2.7"))  # untrusted, with its own headers
+        again = asyncio.run(ping(False, "192.0.2.8"))
+        for answer in (first, again):
+            assert 'realm="http://127.0.0.1:5000/auth"' in answer.headers["WWW-Authenticate"]
+        behind = asyncio.run(ping(True, "10.0.0.1"))  # the balancer's own: its address
+        assert 'realm="https://evil.example/auth"' in behind.headers["WWW-Authenticate"]
+        assert len(cache.plain) == 2
+        tctx.configure(cache, registry_cache_dir=None)
