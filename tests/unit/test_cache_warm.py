@@ -566,3 +566,53 @@ def test_forwarding_headers_of_an_untrusted_client_do_not_poison_a_remembered_an
         assert 'realm="https://evil.example/auth"' in behind.headers["WWW-Authenticate"]
         assert len(cache.plain) == 2
         tctx.configure(cache, registry_cache_dir=None)
+
+
+def test_a_clients_own_question_is_not_queued_behind_questions_asked_ahead(both, monkeypatch):
+    """MAX_AHEAD questions asked ahead of a stalled upstream must leave threads for
+    the questions a client is waiting on (a tag resolved, a blob authorised): those
+    wait for no one else's speed-up."""
+    _, cache = both
+    manifests = []
+    for m in range(2):
+        layers = [put(cache.store, f"layer {m} {i}".encode()) for i in range(16)]
+        manifests.append(put(cache.store, manifest_naming(*(descriptor(d) for d in layers))))
+    release = threading.Event()
+
+    def fetch(method, url, headers, body, tls, timeout):
+        if "/blobs/" in url:
+            release.wait(30)  # the questions asked ahead stall
+            return realm.Reply(404, (), b"")
+        return realm.Reply(200, (), b"")
+
+    monkeypatch.setattr("regrewrite.realm.fetch", fetch)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        for i, digest in enumerate(manifests):
+            f = flow(
+                f"/v2/acme_team/x/manifests/{digest}",
+                headers=[("Authorization", f"Bearer {i}")],
+            )
+            f.metadata["registry_decision"] = "mapped"
+            await asyncio.wait_for(cache.requestheaders(f), 3)  # (the 2nd after 16 ahead)
+            assert f.response.status_code == 200
+            for _ in range(300):
+                if cache.ahead == 16 * (i + 1):
+                    break
+                await asyncio.sleep(0.01)
+        assert cache.ahead == cache_addon.MAX_AHEAD
+        other = flow(
+            f"/v2/acme_team/x/manifests/{manifests[0]}", headers=[("Authorization", "Bearer o")]
+        )
+        other.metadata["registry_decision"] = "mapped"
+        try:
+            await asyncio.wait_for(cache.requestheaders(other), 3)
+        finally:
+            release.set()
+        assert other.response is not None and other.response.status_code == 200
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()

@@ -66,7 +66,10 @@ MAX_AHEAD = 32  # blob questions asked ahead of the client at once, over all flo
 # Manifests whose blobs are asked about ahead: image manifests and indexes are a few KiB;
 # a 4 MiB one took 94 MB and 0.35 s to parse, again for every pull.
 AHEAD_MANIFEST_LIMIT = 64 << 10
-ASK_WORKERS = realm.MAX_IDLE  # threads for HEADs upstream (one kept connection each)
+# Threads for HEADs upstream: as many as asking ahead may hold, and as many again as
+# connections are kept, so a client's own question never waits behind a speed-up for
+# someone else (16 stalled questions asked ahead held a tag's HEAD for their timeout).
+ASK_WORKERS = MAX_AHEAD + realm.MAX_IDLE
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
 _AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
 _JSON = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -104,10 +107,10 @@ class BlobCache:
         self.flights = Flights()
         self.pending: dict[str, _Pending] = {}
         self.asking: dict[bytes, asyncio.Future] = {}  # grant -> the upstream's answer to come
-        self.ahead = 0  # questions asked ahead (_ask_ahead) not answered yet
+        self.ahead = 0  # questions asked ahead (_ask_ahead) not answered yet, and reads
         self.tasks: set[asyncio.Task] = set()
         # HEADs upstream block a thread each for up to AUTH_TIMEOUT: their own pool
-        # (with asking ahead's manifest parsing), so questions asked ahead never starve
+        # (with asking ahead's manifest reading), so questions asked ahead never starve
         # asyncio's default executor (which resolves the upstreams' host names and runs
         # the cache's file looks).
         self.ask_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -448,9 +451,11 @@ class BlobCache:
         """Once a manifest is served, ask about the cached blobs it names at once, in
         the background: the client asks for them a moment later and finds the answer
         there (or on its way) instead of waiting for a HEAD each. Still one question
-        per blob, with the client's own credential; at most MAX_AHEAD at a time."""
-        if len(manifest) > AHEAD_MANIFEST_LIMIT or len(self.tasks) >= MAX_AHEAD:
-            return  # (each task holds its manifest until parsed: bounded in count too)
+        per blob, with the client's own credential. At most MAX_AHEAD threads of the
+        ask pool at a time, manifests being read included (each holds its manifest
+        until then): the rest of the pool is for the questions clients wait on."""
+        if len(manifest) > AHEAD_MANIFEST_LIMIT or self.ahead >= MAX_AHEAD:
+            return
         origin, accept = _origin_of(flow), flow.request.headers.get("Accept")
         store = self.store
 
@@ -460,14 +465,14 @@ class BlobCache:
 
         async def ahead() -> None:
             try:
-                # (the pool of the questions that follow: asking ahead never holds
-                # threads the client's own lookups need)
                 references = await asyncio.get_running_loop().run_in_executor(
                     self._ask_pool(), cached_references
                 )
             except Exception:  # only a speed-up: the client's own requests still ask
                 logger.exception("registry cache: cannot read a manifest's references")
                 return
+            finally:
+                self.ahead -= 1  # (read: counted from here on per question)
             for kind, digest in references:
                 grant = Grants.key(credential, upstream, f"{name}@{digest}")
                 if self.ahead >= MAX_AHEAD:
@@ -484,6 +489,7 @@ class BlobCache:
                 question.add_done_callback(self._ahead_done)
 
         task = asyncio.ensure_future(ahead())
+        self.ahead += 1
         self.tasks.add(task)
         task.add_done_callback(self._ahead_ended)
 
