@@ -616,3 +616,31 @@ def test_a_clients_own_question_is_not_queued_behind_questions_asked_ahead(both,
         asyncio.run(run())
     finally:
         release.set()
+
+
+def test_nothing_is_asked_ahead_when_no_answer_is_remembered(both, monkeypatch):
+    """With registry_cache_grant_seconds=0 every hit asks for itself: an answer asked
+    ahead would be thrown away, one more HEAD upstream per blob of every pull."""
+    _, cache = both
+    ctx_options = cache_addon.ctx.options
+    ctx_options.update(registry_cache_grant_seconds=0)
+    layer = put(cache.store, b"a layer")
+    digest = put(cache.store, manifest_naming(descriptor(layer)))
+    asked = []
+
+    def fetch(method, url, headers, body, tls, timeout):
+        asked.append(url.split("/v2/", 1)[1])
+        return realm.Reply(200, (), b"")
+
+    monkeypatch.setattr("regrewrite.realm.fetch", fetch)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = _serve_by_digest(cache, digest)
+        await cache.requestheaders(f)
+        assert f.response.status_code == 200
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert asked == [f"acme_team/x/manifests/{digest}"]

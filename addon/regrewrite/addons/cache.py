@@ -456,6 +456,8 @@ class BlobCache:
         until then): the rest of the pool is for the questions clients wait on."""
         if len(manifest) > AHEAD_MANIFEST_LIMIT or self.ahead >= MAX_AHEAD:
             return
+        if self.grants.ttl <= 0:
+            return  # (no answer is remembered: one asked ahead would be thrown away)
         origin, accept = _origin_of(flow), flow.request.headers.get("Accept")
         store = self.store
 
