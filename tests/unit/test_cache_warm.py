@@ -128,7 +128,7 @@ def test_questions_to_a_stalled_upstream_leave_the_default_executor_free(both, m
             await asyncio.sleep(0.01)
         assert cache.ahead == len(layers)
         try:
-            await asyncio.wait_for(asyncio.to_thread(lambda: None), 2)
+            await asyncio.wait_for(asyncio.to_thread(lambda: None), 10)
         finally:
             release.set()
 
@@ -595,7 +595,7 @@ def test_a_clients_own_question_is_not_queued_behind_questions_asked_ahead(both,
                 headers=[("Authorization", f"Bearer {i}")],
             )
             f.metadata["registry_decision"] = "mapped"
-            await asyncio.wait_for(cache.requestheaders(f), 3)  # (the 2nd after 16 ahead)
+            await asyncio.wait_for(cache.requestheaders(f), 10)  # (the 2nd after 16 ahead)
             assert f.response.status_code == 200
             for _ in range(300):
                 if cache.ahead == 16 * (i + 1):
@@ -607,7 +607,7 @@ def test_a_clients_own_question_is_not_queued_behind_questions_asked_ahead(both,
         )
         other.metadata["registry_decision"] = "mapped"
         try:
-            await asyncio.wait_for(cache.requestheaders(other), 3)
+            await asyncio.wait_for(cache.requestheaders(other), 10)
         finally:
             release.set()
         assert other.response is not None and other.response.status_code == 200
