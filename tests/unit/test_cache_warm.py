@@ -644,3 +644,33 @@ def test_nothing_is_asked_ahead_when_no_answer_is_remembered(both, monkeypatch):
 
     asyncio.run(run())
     assert asked == [f"acme_team/x/manifests/{digest}"]
+
+
+def test_an_upstream_that_answers_a_question_forever_does_not_hold_the_flow(both, monkeypatch):
+    """realm.fetch's timeout is per socket operation: an upstream trickling its answer a
+    byte at a time holds a question far past it. The flow waits no longer than the
+    question's deadline, then goes upstream as it is."""
+    _, cache = both
+    monkeypatch.setattr(cache_addon, "AUTH_TIMEOUT", 0.2)
+    release = threading.Event()
+
+    def trickling(method, url, headers, body, tls, timeout):
+        release.wait(30)
+        return realm.Reply(200, (), b"")
+
+    monkeypatch.setattr("regrewrite.realm.fetch", trickling)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = flow("/v2/acme_team/x/manifests/v1", headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        try:
+            await asyncio.wait_for(cache.requestheaders(f), 10)
+        finally:
+            release.set()
+        assert f.response is None and f.request.headers["Authorization"] == "Bearer t"
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()

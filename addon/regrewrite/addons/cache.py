@@ -514,17 +514,23 @@ class BlobCache:
         if accept:
             headers.append(("Accept", accept))
         where = path.partition("?")[0]  # (a query may carry a secret: never logged)
+        asked = asyncio.get_running_loop().run_in_executor(
+            self._ask_pool(),
+            realm.fetch,
+            "HEAD",
+            origin + path,
+            headers,
+            None,
+            _tls_for_upstreams(),
+            AUTH_TIMEOUT,
+        )
         try:
-            reply = await asyncio.get_running_loop().run_in_executor(
-                self._ask_pool(),
-                realm.fetch,
-                "HEAD",
-                origin + path,
-                headers,
-                None,
-                _tls_for_upstreams(),
-                AUTH_TIMEOUT,
-            )
+            # AUTH_TIMEOUT holds per socket operation: an upstream trickling its answer
+            # would hold the flow far longer. (The thread is left to its timeouts.)
+            reply = await asyncio.wait_for(asked, 2 * AUTH_TIMEOUT)
+        except TimeoutError:
+            logger.info(f"registry cache: the upstream did not answer about {where} in time")
+            return None
         except realm.RealmUnreachable as e:
             logger.info(f"registry cache: cannot ask the upstream about {where}: {_unqueried(e)}")
             return None
