@@ -381,7 +381,9 @@ class Grants:
 
     @staticmethod
     def key(credential: str, upstream: str, repository: str) -> bytes:
-        return hashlib.sha256(f"{credential}\0{upstream}\0{repository}".encode()).digest()
+        # (surrogateescape: mitmproxy hands a header's bytes that are not UTF-8 so)
+        text = f"{credential}\0{upstream}\0{repository}"
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
     def allowed(self, key: bytes, now: float) -> bool:
         until = self._until.get(key)

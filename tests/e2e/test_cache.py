@@ -20,7 +20,7 @@ from tests.e2e.conftest import in_ci, require_tool
 from tests.e2e.faultkit import push_image
 from tests.e2e.proxycheck import RULES
 from tests.e2e.throttle import ThrottleRelay
-from tests.e2e.upstream import ALICE, BOB, Mitmdump, UserAcl, free_port
+from tests.e2e.upstream import ALICE, BOB, LOOPBACK, Mitmdump, UserAcl, free_port
 
 MANIFEST_ACCEPT = {
     "Accept": "application/vnd.oci.image.manifest.v1+json,"
@@ -623,3 +623,36 @@ def test_counters_in_the_metrics_endpoint(registry, proxy, http_client, pushed, 
     assert values["registry_rewrite_cache_bytes_fetched_total"] == size
     assert values["registry_rewrite_cache_bytes_served_total"] == 2 * size
     assert values["registry_rewrite_cache_evictions_total"] == 0
+
+
+def test_a_tag_answered_from_the_cache_holds_the_request_body(
+    registry, proxy, http_client, pushed, unique, tmp_path
+):
+    """A GET by tag the cache answers never streams a body sent along: a small one with
+    `Expect: 100-continue` is read and the manifest served; a big chunked one gets the
+    413 JSON after at most a few MiB, and the proxy goes on serving."""
+    from tests.e2e.test_fail_closed import assert_json_error, send_streaming
+
+    p = proxy(RULES, extra_args=cache_args(tmp_path / "cache"))
+    image = pushed(f"library/{unique}")
+    client = http_client(p.url, ALICE)
+    for _ in range(2):  # fetched, then served from the cache
+        r = client.request("GET", f"/v2/{unique}/manifests/v1", headers=MANIFEST_ACCEPT)
+        assert r.status == 200 and sha256(r.body) == image.digest
+    token = next(iter(client._tokens.values()))
+    headers = {"Authorization": f"Bearer {token}", **MANIFEST_ACCEPT}
+    target = f"/v2/{unique}/manifests/v1".encode()
+    registry.mark()
+    status, hdrs, body, _ = send_streaming(
+        LOOPBACK, p.port, "GET", target, {**headers, "Expect": "100-continue"}, 1000, chunked=False
+    )
+    assert status == 200 and sha256(body) == image.digest, (status, hdrs, body[:200])
+    status, hdrs, body, sent = send_streaming(
+        LOOPBACK, p.port, "GET", target, headers, 64 << 20, chunked=True, deadline=20
+    )
+    assert_json_error(status, hdrs, body, 413)
+    assert sent < 64 << 20
+    tag = [(e.method, e.status) for e in registry.access_log(since_mark=True) if "/v1" in e.path]
+    assert ("GET", 200) not in tag  # both answered by the cache, after a HEAD each
+    r = client.request("GET", f"/v2/{unique}/manifests/v1", headers=MANIFEST_ACCEPT)
+    assert r.status == 200 and sha256(r.body) == image.digest

@@ -20,10 +20,12 @@ never stored in flow.metadata or on disk (a grant is remembered under a hash of 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import json
 import logging
 import os
+import re
 import ssl
 import tempfile
 import threading
@@ -61,6 +63,13 @@ AUTH_TIMEOUT = 10.0  # seconds for the upstream's yes/no on a hit
 WAIT_SECONDS = 600.0  # longest wait for another request's download of the same blob
 MAX_QUEUED = 32 << 20  # bytes waiting for the disk per blob before caching gives up
 MAX_AHEAD = 32  # blob questions asked ahead of the client at once, over all flows
+# Manifests whose blobs are asked about ahead: image manifests and indexes are a few KiB;
+# a 4 MiB one took 94 MB and 0.35 s to parse, again for every pull.
+AHEAD_MANIFEST_LIMIT = 64 << 10
+# Threads for HEADs upstream: as many as asking ahead may hold, and as many again as
+# connections are kept, so a client's own question never waits behind a speed-up for
+# someone else (16 stalled questions asked ahead held a tag's HEAD for their timeout).
+ASK_WORKERS = MAX_AHEAD + realm.MAX_IDLE
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
 _AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
 _JSON = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -85,6 +94,7 @@ class _Pending:
     kind: str  # "blobs" or "manifests"
     flight: asyncio.Future | None = None  # set when this flow fetches for everyone
     writer: WriteBehind | None = None
+    by_tag: bool = False  # the digest is what a HEAD by tag named a moment before
 
 
 class BlobCache:
@@ -97,10 +107,16 @@ class BlobCache:
         self.flights = Flights()
         self.pending: dict[str, _Pending] = {}
         self.asking: dict[bytes, asyncio.Future] = {}  # grant -> the upstream's answer to come
-        self.ahead = 0  # questions asked ahead (_ask_ahead) not answered yet
+        self.ahead = 0  # questions asked ahead (_ask_ahead) not answered yet, and reads
         self.tasks: set[asyncio.Task] = set()
-        # _plain_key -> (until, status, header fields, body): see _answer_plain.
-        self.plain: OrderedDict[tuple, tuple[float, int, tuple, bytes]] = OrderedDict()
+        # HEADs upstream block a thread each for up to AUTH_TIMEOUT: their own pool
+        # (with asking ahead's manifest reading), so questions asked ahead never starve
+        # asyncio's default executor (which resolves the upstreams' host names and runs
+        # the cache's file looks).
+        self.ask_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # _plain_key -> (until, the core's rules it was made with, status, header
+        # fields, body): see _answer_plain.
+        self.plain: OrderedDict[tuple, tuple] = OrderedDict()
         # Files whose digest this process has checked (or written): (path, size, inode).
         self.verified: set[tuple[str, int, int]] = set()
         # Redirect targets handed out, until their URL expires (eviction spares them).
@@ -216,6 +232,9 @@ class BlobCache:
 
     def done(self):
         self._close()
+        if self.ask_pool is not None:
+            self.ask_pool.shutdown(wait=False, cancel_futures=True)
+            self.ask_pool = None
 
     @command.command("registry.cache")
     def stats_command(self) -> str:
@@ -232,15 +251,15 @@ class BlobCache:
         req = flow.request
         if req.method not in ("GET", "HEAD") or not _mapped(flow):
             return
-        upstream = upstream_dirname(req.scheme, req.host, req.port)
-        path, _ = api.split_target(req.path)
-        repo = api.parse_repository_path(path)
-        if "Authorization" not in req.headers and self._answer_plain(flow, upstream, repo):
-            return
-        if repo is None or repo.kind not in ("blobs", "manifests"):
-            return
-        digest = parse_digest(repo.reference)
         try:
+            upstream = upstream_dirname(req.scheme, req.host, req.port)
+            path, _ = api.split_target(req.path)
+            repo = api.parse_repository_path(path)
+            if "Authorization" not in req.headers and self._answer_plain(flow, upstream, repo):
+                return
+            if repo is None or repo.kind not in ("blobs", "manifests"):
+                return
+            digest = parse_digest(repo.reference)
             if digest is None:
                 if repo.kind == "manifests":
                     await self._by_tag(flow, upstream, repo.name)
@@ -250,7 +269,7 @@ class BlobCache:
         except Exception:
             # The cache must never fail a pull: the flow goes upstream as it stands.
             logger.exception("registry cache: lookup failed")
-            self.pending.pop(flow.id, None)
+            self._land(flow.id, "failed")  # (waiters for its download are let go)
 
     async def _by_tag(self, flow: http.HTTPFlow, upstream: str, name: str) -> None:
         """A manifest by tag: the tag is resolved upstream every time, by a ``HEAD``
@@ -266,29 +285,26 @@ class BlobCache:
         reply = await self._ask_upstream(
             _origin_of(flow), req.path, credential, req.headers.get("Accept")
         )
-        if reply is None or reply.status != 200:
+        resolved = parse_tag_answer(reply)
+        if resolved is None:
             return  # the upstream answers the request itself (401, 404, ...)
-        headers = {k.lower(): v for k, v in reply.headers}
-        digest = parse_digest(headers.get("docker-content-digest", ""))
-        length = headers.get("content-length", "")
-        if digest is None or not length.isdigit():
-            return
+        digest, length, headers = resolved
         self._remember_grant(credential, Grants.key(credential, upstream, f"{name}@{digest}"))
         if req.method == "HEAD":
             # The upstream's own answer to this HEAD, relayed: nothing is served.
             response = http.Response.make(200, b"", _JSON)
-            response.headers.update({k: v for k, v in headers.items() if k in _TAG_HEADERS})
+            response.headers.update(headers)
             self._answer(flow, response)
             _comment(flow, "tag resolved upstream")
             return
         key = (upstream, digest)
         size = await asyncio.to_thread(self.store.size, upstream, digest)
-        if size == int(length) and await self._serve(
+        if size == length and await self._serve(
             flow, "manifests", upstream, name, digest, size, False, headers.get("content-type")
         ):
             return
         if self.flights.get(key) is None:
-            self.pending[flow.id] = _Pending(key, "manifests", self.flights.start(key))
+            self.pending[flow.id] = _Pending(key, "manifests", self.flights.start(key), by_tag=True)
 
     async def _by_digest(
         self, flow: http.HTTPFlow, upstream: str, name: str, kind: str, digest: Digest
@@ -342,9 +358,11 @@ class BlobCache:
             return False
         flow.metadata[PLAIN_KEY] = list(key)  # the answer is remembered under it
         kept = self.plain.get(key)
-        if kept is None or kept[0] < time.monotonic():
+        # Made with other rules (reloaded since): its challenge may name another token
+        # path or service.
+        if kept is None or kept[0] < time.monotonic() or kept[1] is not _rules_of(flow):
             return False
-        _, status, fields, body = kept
+        _, _, status, fields, body = kept
         self._answer(flow, http.Response.make(status, body, fields))
         flow.metadata["registry_cache"] = "challenge"
         _comment(flow, "answered as the upstream did in the last seconds (no credentials)")
@@ -366,6 +384,7 @@ class BlobCache:
         fields = tuple((k, v) for k, v in resp.headers.fields if k.lower() in _PLAIN_HEADERS)
         self.plain[key] = (
             time.monotonic() + PLAIN_SECONDS,
+            _rules_of(flow),
             resp.status_code,
             fields,
             resp.raw_content,
@@ -432,7 +451,13 @@ class BlobCache:
         """Once a manifest is served, ask about the cached blobs it names at once, in
         the background: the client asks for them a moment later and finds the answer
         there (or on its way) instead of waiting for a HEAD each. Still one question
-        per blob, with the client's own credential; at most MAX_AHEAD at a time."""
+        per blob, with the client's own credential. At most MAX_AHEAD threads of the
+        ask pool at a time, manifests being read included (each holds its manifest
+        until then): the rest of the pool is for the questions clients wait on."""
+        if len(manifest) > AHEAD_MANIFEST_LIMIT or self.ahead >= MAX_AHEAD:
+            return
+        if self.grants.ttl <= 0:
+            return  # (no answer is remembered: one asked ahead would be thrown away)
         origin, accept = _origin_of(flow), flow.request.headers.get("Accept")
         store = self.store
 
@@ -442,26 +467,39 @@ class BlobCache:
 
         async def ahead() -> None:
             try:
-                references = await asyncio.to_thread(cached_references)
+                references = await asyncio.get_running_loop().run_in_executor(
+                    self._ask_pool(), cached_references
+                )
             except Exception:  # only a speed-up: the client's own requests still ask
                 logger.exception("registry cache: cannot read a manifest's references")
                 return
+            finally:
+                self.ahead -= 1  # (read: counted from here on per question)
             for kind, digest in references:
                 grant = Grants.key(credential, upstream, f"{name}@{digest}")
                 if self.ahead >= MAX_AHEAD:
                     return
                 if self.grants.allowed(grant, time.time()) or grant in self.asking:
                     continue
-                self.ahead += 1
                 path = f"/v2/{name}/{kind}/{digest}"
                 question = self._question(
                     grant, origin, path, credential, accept if kind == "manifests" else None
                 )
+                # Counted once asked: a count for a question never asked would never
+                # come down, and MAX_AHEAD of them would stop asking ahead for good.
+                self.ahead += 1
                 question.add_done_callback(self._ahead_done)
 
         task = asyncio.ensure_future(ahead())
+        self.ahead += 1
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._ahead_ended)
+
+    def _ahead_ended(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Only a speed-up: logged here rather than as a task nobody awaited.
+            logger.warning(f"registry cache: asking ahead failed: {task.exception()!r}")
 
     def _ahead_done(self, _question: asyncio.Future) -> None:
         self.ahead -= 1
@@ -475,21 +513,43 @@ class BlobCache:
         headers = [("Authorization", credential)] if credential else []
         if accept:
             headers.append(("Accept", accept))
+        where = path.partition("?")[0]  # (a query may carry a secret: never logged)
+        asked = asyncio.get_running_loop().run_in_executor(
+            self._ask_pool(),
+            realm.fetch,
+            "HEAD",
+            origin + path,
+            headers,
+            None,
+            _tls_for_upstreams(),
+            AUTH_TIMEOUT,
+        )
         try:
-            reply = await asyncio.to_thread(
-                realm.fetch,
-                "HEAD",
-                origin + path,
-                headers,
-                None,
-                _tls_for_upstreams(),
-                AUTH_TIMEOUT,
-            )
-        except realm.RealmUnreachable as e:
-            logger.info(f"registry cache: cannot ask the upstream about {path}: {e}")
+            # AUTH_TIMEOUT holds per socket operation: an upstream trickling its answer
+            # would hold the flow far longer. (The thread is left to its timeouts.)
+            reply = await asyncio.wait_for(asked, 2 * AUTH_TIMEOUT)
+        except TimeoutError:
+            logger.info(f"registry cache: the upstream did not answer about {where} in time")
             return None
-        logger.debug(f"registry cache: upstream answered {reply.status} for HEAD {path}")
+        except realm.RealmUnreachable as e:
+            logger.info(f"registry cache: cannot ask the upstream about {where}: {_unqueried(e)}")
+            return None
+        except ValueError as e:
+            # A client's header http.client cannot send (outside latin-1): no question.
+            # Only the type is logged: http.client's message quotes the header.
+            logger.info(
+                f"registry cache: cannot ask the upstream about {where}: {type(e).__name__}"
+            )
+            return None
+        logger.debug(f"registry cache: upstream answered {reply.status} for HEAD {where}")
         return reply
+
+    def _ask_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self.ask_pool is None:
+            self.ask_pool = concurrent.futures.ThreadPoolExecutor(
+                ASK_WORKERS, thread_name_prefix="registry-cache-ask"
+            )
+        return self.ask_pool
 
     def _remember_grant(self, credential: str, grant: bytes) -> None:
         """A yes, remembered no longer than the credential's token lives."""
@@ -527,9 +587,10 @@ class BlobCache:
         if kind == "manifests":
             if size > MANIFEST_LIMIT:
                 return False
-            content = await asyncio.to_thread(_read, path)
-            if content is None:
+            read = await asyncio.to_thread(_read_manifest, path)
+            if read is None:
                 return False
+            content, labelled = read
             if credential := flow.request.headers.get("Authorization"):
                 self._ask_ahead(flow, upstream, name, content, credential)
             response = http.Response.make(
@@ -537,7 +598,7 @@ class BlobCache:
                 content,
                 {
                     **_JSON,
-                    "Content-Type": content_type or _manifest_type(content),
+                    "Content-Type": content_type or labelled,
                     "Docker-Content-Digest": str(digest),
                 },
             )
@@ -586,9 +647,11 @@ class BlobCache:
     def _answer(flow: http.HTTPFlow, response: http.Response) -> None:
         """Answer the request ourselves; the core leaves the answer alone."""
         patches.hold_request_body(flow)
+        _redact(flow)
+        # Last: should anything above fail, the request goes upstream (the cache never
+        # fails a pull); once answered, no credential is left in the flow.
         flow.response = response
         flow.metadata["registry_answered"] = True
-        _redact(flow)
 
     def _serve_tls(self, host: str) -> bool:
         """Let the blob server speak TLS for `host` with the certificate mitmproxy
@@ -741,7 +804,11 @@ class BlobCache:
             task = asyncio.ensure_future(asyncio.to_thread(self._evict))
             task.add_done_callback(lambda _: self._land(flow_id, outcome))
             return
-        if outcome == "corrupt":
+        if outcome == "corrupt" and pending.by_tag:
+            # Most likely the tag moved between our HEAD and the client's GET (the
+            # client got what the tag names now): no sign of a corrupt upstream.
+            logger.debug(f"registry cache: the tag no longer named {digest}; not cached")
+        elif outcome == "corrupt":
             self.counts["rejected"] += 1
             logger.warning(f"registry cache: {digest} from upstream did not match; not cached")
         elif outcome.startswith("error:"):
@@ -806,6 +873,32 @@ def _mapped(flow: http.HTTPFlow) -> bool:
     return "registry_route" in flow.metadata and not flow.metadata.get("registry_answered")
 
 
+def parse_tag_answer(reply: realm.Reply | None) -> tuple[Digest, int, dict] | None:
+    """(digest, length, the fields of _TAG_HEADERS, lower-cased) of a 200 to a HEAD by
+    tag, when it names exactly one verifiable digest and one length; else None (the
+    upstream answers the request itself). Repeated fields that disagree are no
+    answer: which one a client would believe is anyone's guess."""
+    if reply is None or reply.status != 200:
+        return None
+    headers: dict[str, str] = {}
+    for k, v in reply.headers:
+        k = k.lower()
+        if k in _TAG_HEADERS and headers.setdefault(k, v) != v:
+            return None
+    digest = parse_digest(headers.get("docker-content-digest", ""))
+    length = headers.get("content-length", "")
+    # (isascii: "²" is a digit to isdigit, not to int)
+    if digest is None or not (length.isascii() and length.isdigit()):
+        return None
+    return digest, int(length), headers
+
+
+def _unqueried(e: Exception) -> str:
+    """An exception's message without the queries of the URLs it quotes (http.client's
+    InvalidURL quotes the whole target)."""
+    return re.sub(r"\?[^'\"\s]*", "?…", str(e))
+
+
 def _ident(path: str) -> tuple[str, int, int]:
     st = os.stat(path)
     return path, st.st_size, st.st_ino
@@ -831,12 +924,14 @@ def _origin_of(flow: http.HTTPFlow) -> str:
     return f"{req.scheme}://{api.Origin(req.scheme, req.host, req.port).netloc}"
 
 
-def _read(path: str) -> bytes | None:
+def _read_manifest(path: str) -> tuple[bytes, str] | None:
+    """A cached manifest and its media type (in a thread: up to 4 MiB of JSON)."""
     try:
         with open(path, "rb") as f:
-            return f.read(MANIFEST_LIMIT + 1)
+            content = f.read(MANIFEST_LIMIT + 1)
     except OSError:
         return None
+    return content, _manifest_type(content)
 
 
 def _manifest_type(content: bytes) -> str:
@@ -865,6 +960,12 @@ def _public_origin(flow: http.HTTPFlow) -> api.Origin:
     """Where clients reach this proxy, as the core derives it for the token realm."""
     found = core()
     return found.public_origin(flow) if found is not None else client_origin(flow)
+
+
+def _rules_of(flow: http.HTTPFlow) -> object | None:
+    """The rules the core maps this flow with (None without the core)."""
+    found = core()
+    return found.flow_rules.get(flow, found.rules) if found is not None else None
 
 
 def _comment(flow: http.HTTPFlow, note: str) -> None:
