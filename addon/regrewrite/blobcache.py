@@ -103,8 +103,15 @@ def referenced_digests(manifest: bytes) -> tuple[tuple[str, Digest], ...]:
 
 
 def upstream_dirname(scheme: str, host: str, port: int) -> str:
-    """A directory name for one upstream origin (stable across replicas and restarts)."""
-    safe = re.sub(r"[^A-Za-z0-9.-]", "-", host.lower())
+    """A directory name for one upstream origin (stable across replicas and restarts).
+
+    Readable when the host is (``https_registry.example_443``); a host whose characters
+    had to be replaced (``a_b`` and ``a-b``, IPv6 addresses) also gets a hash of itself,
+    so that two upstreams never share blobs, grants or questions."""
+    lowered = host.lower()
+    safe = re.sub(r"[^a-z0-9.-]", "-", lowered)
+    if safe != lowered:
+        safe += "-" + hashlib.sha256(lowered.encode()).hexdigest()[:12]
     return f"{scheme}_{safe}_{port}"
 
 

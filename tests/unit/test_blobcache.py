@@ -335,6 +335,25 @@ def descriptor(digest: Digest, **extra) -> dict:
     return {"mediaType": "application/octet-stream", "digest": str(digest), "size": 1, **extra}
 
 
+def test_upstream_directories_never_collide():
+    from regrewrite.blobcache import upstream_dirname
+
+    assert upstream_dirname("https", "Registry.Example", 443) == "https_registry.example_443"
+    names = {
+        upstream_dirname(scheme, host, port)
+        for scheme, host, port in [
+            ("https", "a_b", 443),
+            ("https", "a-b", 443),
+            ("https", "a b", 443),
+            ("https", "::1", 443),
+            ("https", "--1", 443),
+            ("http", "a-b", 443),
+            ("https", "a-b", 444),
+        ]
+    }
+    assert len(names) == 7 and all("/" not in n and ":" not in n for n in names)
+
+
 def test_referenced_digests_of_manifests_and_indexes():
     a, b, c = (Digest("sha256", h * 64) for h in "abc")
     foreign = descriptor(c, urls=["https://example.com/layer"])

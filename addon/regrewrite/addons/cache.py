@@ -70,6 +70,7 @@ AHEAD_MANIFEST_LIMIT = 64 << 10
 # connections are kept, so a client's own question never waits behind a speed-up for
 # someone else (16 stalled questions asked ahead held a tag's HEAD for their timeout).
 ASK_WORKERS = MAX_AHEAD + realm.MAX_IDLE
+FILE_WORKERS = 4  # the cache's disk work (stat, read, hash after a restart)
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
 _AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
 _JSON = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -114,6 +115,7 @@ class BlobCache:
         # asyncio's default executor (which resolves the upstreams' host names and runs
         # the cache's file looks).
         self.ask_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.file_pool: concurrent.futures.ThreadPoolExecutor | None = None
         # _plain_key -> (until, the core's rules it was made with, status, header
         # fields, body): see _answer_plain.
         self.plain: OrderedDict[tuple, tuple] = OrderedDict()
@@ -232,9 +234,10 @@ class BlobCache:
 
     def done(self):
         self._close()
-        if self.ask_pool is not None:
-            self.ask_pool.shutdown(wait=False, cancel_futures=True)
-            self.ask_pool = None
+        for pool in (self.ask_pool, self.file_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self.ask_pool = self.file_pool = None
 
     @command.command("registry.cache")
     def stats_command(self) -> str:
@@ -298,7 +301,7 @@ class BlobCache:
             _comment(flow, "tag resolved upstream")
             return
         key = (upstream, digest)
-        size = await asyncio.to_thread(self.store.size, upstream, digest)
+        size = await self._on_disk(self.store.size, upstream, digest)
         if size == length and await self._serve(
             flow, "manifests", upstream, name, digest, size, False, headers.get("content-type")
         ):
@@ -319,7 +322,7 @@ class BlobCache:
             # cannot hide a download that finished during the look (measured: it
             # did, and the blob was fetched twice).
             flight = self.flights.get(key)
-            size = await asyncio.to_thread(self.store.size, upstream, digest)
+            size = await self._on_disk(self.store.size, upstream, digest)
             if size is None and flight is None:
                 flight = self.flights.get(key)  # one that started during the look
             if size is None and flight is None:
@@ -370,13 +373,13 @@ class BlobCache:
 
     def _keep_plain(self, flow: http.HTTPFlow) -> None:
         """Remember the core's answer (its challenge rewritten already) to a request
-        without credentials: a 401, or either answer to the ping (never a body from
-        a repository)."""
+        without credentials, if it is a 401 (never content; a ping's 200 is streamed
+        and its body not at hand)."""
         key, resp = tuple(flow.metadata[PLAIN_KEY]), flow.response
         if (
             resp is None
             or flow.metadata.get("registry_answered")
-            or resp.status_code not in ((200, 401) if key[-1] == "ping" else (401,))
+            or resp.status_code != 401
             or resp.raw_content is None
             or len(resp.raw_content) > PLAIN_BODY_LIMIT
         ):
@@ -551,6 +554,16 @@ class BlobCache:
             )
         return self.ask_pool
 
+    def _on_disk(self, fn, *args):
+        """Run disk work (a stat, a read, a whole blob's hash after a restart) in the
+        cache's own threads: asyncio's default executor also resolves upstream host
+        names, and a multi-GB hash must not hold one of its few workers."""
+        if self.file_pool is None:
+            self.file_pool = concurrent.futures.ThreadPoolExecutor(
+                FILE_WORKERS, thread_name_prefix="registry-cache-disk"
+            )
+        return asyncio.get_running_loop().run_in_executor(self.file_pool, fn, *args)
+
     def _remember_grant(self, credential: str, grant: bytes) -> None:
         """A yes, remembered no longer than the credential's token lives."""
         info = bearer_info(credential)
@@ -576,18 +589,18 @@ class BlobCache:
         store = self.store
         path = store.path(upstream, digest)
         try:
-            ident = await asyncio.to_thread(_ident, path)
+            ident = await self._on_disk(_ident, path)
         except OSError:
             return False
         if ident not in self.verified:
             # Written by another replica or before a restart: check it once.
-            if not await asyncio.to_thread(store.verify, upstream, digest):
+            if not await self._on_disk(store.verify, upstream, digest):
                 return False
             self.verified.add(ident)
         if kind == "manifests":
             if size > MANIFEST_LIMIT:
                 return False
-            read = await asyncio.to_thread(_read_manifest, path)
+            read = await self._on_disk(_read_manifest, path)
             if read is None:
                 return False
             content, labelled = read
@@ -628,7 +641,7 @@ class BlobCache:
                 flow.metadata["registry_cache"] = "wait" if waited else "hit"
                 self.counts["hits"] += 1
                 _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
-                await asyncio.to_thread(store.touch, path)
+                await self._on_disk(store.touch, path)
                 return True
             location = f"{scheme}://{host}:{self.server.port}{target}"
             response = http.Response.make(
@@ -636,7 +649,7 @@ class BlobCache:
                 b"",
                 {**_JSON, "Location": location, "Docker-Content-Digest": str(digest)},
             )
-        await asyncio.to_thread(store.touch, path)
+        await self._on_disk(store.touch, path)
         self._answer(flow, response)
         flow.metadata["registry_cache"] = "wait" if waited else "hit"
         self.counts["hits"] += 1
@@ -801,7 +814,7 @@ class BlobCache:
                 except OSError:
                     pass
             # Eviction scans the directory: in a thread, then waiters are let in.
-            task = asyncio.ensure_future(asyncio.to_thread(self._evict))
+            task = asyncio.ensure_future(self._on_disk(self._evict))
             task.add_done_callback(lambda _: self._land(flow_id, outcome))
             return
         if outcome == "corrupt" and pending.by_tag:
@@ -915,7 +928,8 @@ def _plain_key(flow: http.HTTPFlow, upstream: str, repo: api.RepositoryPath | No
     if repo is None or repo.kind not in ("manifests", "blobs", "tags/list"):
         return None
     client_name = flow.metadata.get("registry_client_name")
-    return (upstream, public, method, repo.kind, repo.name, str(client_name), "pull")
+    mirror = flow.metadata.get("registry_mirror")  # (its realm names the namespace)
+    return (upstream, public, method, repo.kind, repo.name, str(client_name), str(mirror), "pull")
 
 
 def _origin_of(flow: http.HTTPFlow) -> str:
