@@ -25,7 +25,8 @@ def version() -> str:
 
 def set_value(args: list[str], option: str) -> str | None:
     """The value the arguments give `option` (``--set option=...``, the last one), or
-    None when they do not set it."""
+    None when they do not set it. A bare ``--set option`` gives "", as ``option=`` does
+    (mitmdump sets a boolean to true for either)."""
     found = None
     for i, arg in enumerate(args):
         if arg == "--set" and i + 1 < len(args):
@@ -34,9 +35,9 @@ def set_value(args: list[str], option: str) -> str | None:
             value = arg.partition("=")[2]
         else:
             continue
-        name, sep, given = value.partition("=")
-        if sep and name == option:
-            found = given
+        name, _, given = value.partition("=")
+        if name == option:
+            found = given  # ("" without "=")
     return found
 
 

@@ -92,4 +92,43 @@ def test_http2_is_off_unless_the_arguments_say(monkeypatch, tmp_path, given):
     (argv,) = seen
     assert argv[2:] == args  # the user's choice alone: mitmdump refuses two values
     assert cli.set_value(["--set", "a=1", "--set", "http2=x", "--set", "http2=y"], "http2") == "y"
-    assert cli.set_value(["--set", "http2"], "http2") is None
+    assert cli.set_value(["--set", "http2"], "http2") == ""  # (true, to mitmdump)
+
+
+def _http2_mitmdump_gets(argv: list[str]) -> bool:
+    """http2 as mitmdump's own parser and options make it of ``argv``."""
+    from mitmproxy import options
+    from mitmproxy.tools import cmdline
+
+    opts = options.Options()
+    parser = cmdline.mitmdump(opts)
+    parsed = parser.parse_args([a for a in argv if a != argv[1]][1:])  # (no -s SCRIPT)
+    opts.set(*parsed.setoptions, defer=True)
+    mitmproxy.tools.main.process_options(parser, opts, parsed)
+    return opts.http2
+
+
+@pytest.mark.parametrize(
+    ("given", "http2"),
+    [
+        ([], False),
+        (["--set", "http2"], True),  # a boolean without a value is true to mitmdump
+        (["--set=http2"], True),
+        (["--set", "http2=true"], True),
+        (["--http2"], True),
+        (["--no-http2"], False),
+        (["--set", "http2=false", "--http2"], True),
+    ],
+)
+def test_http2_is_what_the_user_asked_for_once_mitmdump_parses_it(
+    monkeypatch, tmp_path, given, http2
+):
+    # `--set http2` was not seen as setting http2: the command's --set http2=false came
+    # first, and mitmdump kept that value (it ignores a bare name given after a value).
+    seen = []
+    monkeypatch.setattr(mitmproxy.tools.main, "mitmdump", seen.append)
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules: []\n")
+    cli.main(["--set", f"registry_rules={rules}", *given])
+    (argv,) = seen
+    assert _http2_mitmdump_gets(argv) is http2
