@@ -819,7 +819,7 @@ class RegistryRewrite:
             self._fail(flow, "response", e)
             return
         resp.headers.pop("Content-Encoding", None)
-        if kind == "error-page" and new:
+        if kind in ("error-page", "errors") and new:
             resp.headers["Content-Type"] = api.JSON_HEADERS["Content-Type"]
         resp.content = new
 

@@ -453,6 +453,14 @@ _CODE_BY_STATUS = {
 }
 
 
+def _replaced_error(status: int, why: str) -> bytes:
+    return api.registry_error(
+        _CODE_BY_STATUS.get(status, "UNKNOWN"),
+        message=f"the upstream answered {status} with a body that {why} "
+        "(not passed on: it could name upstream repositories)",
+    )
+
+
 def rewrite_body(
     kind: str, body: bytes, path: str, client_name: api.MapName, status: int = 0
 ) -> bytes:
@@ -462,15 +470,19 @@ def rewrite_body(
     if kind == "error-page":
         if not body.strip():
             return body
-        return api.registry_error(
-            _CODE_BY_STATUS.get(status, "UNKNOWN"),
-            message=f"the upstream answered {status} with a body that is not JSON "
-            "(not passed on: it could name upstream repositories)",
-        )
+        return _replaced_error(status, "is not JSON")
     if kind == "errors":
         # An empty error body names nothing (some registries send one with a JSON
         # Content-Type): nothing to rewrite, nothing to fail.
-        return api.rewrite_errors(body, client_name) if body.strip() else body
+        if not body.strip():
+            return body
+        try:
+            return api.rewrite_errors(body, client_name)
+        except ValueError:
+            # A gateway's JSON (problem+json, {"message": ...}) or a body mislabelled
+            # JSON: no "errors" list to map, so replaced as a text one is. (Failing the
+            # flow made a 404 or 429 a 502, which clients retry.)
+            return _replaced_error(status, "is no registry error")
     if kind == "catalog":
         return api.rewrite_catalog(body, client_name)
     repo = api.parse_repository_path(path)

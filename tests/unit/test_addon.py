@@ -421,6 +421,35 @@ async def test_an_error_body_that_is_not_json_is_replaced(tctx, addon, status, c
     assert empty.response.content == b""
 
 
+@pytest.mark.parametrize(
+    "status, content_type, body, code",
+    [
+        (
+            404,
+            "application/problem+json",
+            b'{"type": "about:blank", "title": "acme_team/app not found", "status": 404}',
+            "UNKNOWN",
+        ),
+        (429, "application/json", b'{"message": "API rate limit exceeded"}', "TOOMANYREQUESTS"),
+        (403, "application/json; charset=utf-8", b'["acme_team/app"]', "DENIED"),
+    ],
+)
+async def test_a_json_error_that_is_no_registry_error_keeps_its_status(
+    tctx, addon, status, content_type, body, code
+):
+    # A gateway's JSON (problem+json, {"message": ...}) has no "errors" list to map:
+    # it failed the flow with a 502 (clients retry a 5xx; a 404 or 429 is an answer),
+    # where the same words as text/html got their own status.
+    f = flow("/v2/team/app/manifests/nope")
+    addon.requestheaders(f)
+    respond(f, status, body, [("Content-Type", content_type)])
+    addon.responseheaders(f)
+    await addon.response(f)
+    assert b"acme_team" not in f.response.content
+    assert error_of(f)[:2] == (status, code)
+    assert f.response.headers["Content-Type"] == "application/json"
+
+
 async def test_a_redirects_body_is_dropped(tctx, addon):
     # The courtesy link in the body is the Location before its rewrite.
     f = flow("/v2/team/app/blobs/sha256:ab")

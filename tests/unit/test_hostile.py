@@ -585,14 +585,15 @@ def test_encoded_bodies_are_decoded_within_the_cap():
             decide.decode_body(body, encoding)
 
 
-def test_an_empty_json_error_body_passes_but_a_bad_one_fails():
+def test_an_empty_json_error_body_passes_but_a_bad_one_is_replaced():
     from regrewrite import decide
 
     path = "/v2/acme_team/app/manifests/1"
     assert decide.rewrite_body("errors", b"", path, lambda n: n) == b""
     assert decide.rewrite_body("errors", b" \r\n", path, lambda n: n) == b" \r\n"
-    with pytest.raises(ValueError):
-        decide.rewrite_body("errors", b"<html>acme_team/app</html>", path, lambda n: n)
+    # Labelled JSON but no registry error: replaced, with the status (it was a 502).
+    bad = decide.rewrite_body("errors", b"<html>acme_team/app</html>", path, lambda n: n, 404)
+    assert b"acme_team" not in bad and json.loads(bad)["errors"][0]["code"] == "UNKNOWN"
     replaced = decide.rewrite_body("error-page", b"<html>acme_team/app</html>", path, None, 404)
     assert b"acme_team" not in replaced and json.loads(replaced)["errors"][0]["code"] == "UNKNOWN"
     assert decide.rewrite_body("error-page", b"\n", path, None, 404) == b"\n"
