@@ -806,7 +806,13 @@ class RegistryRewrite:
             if kind in decide.REPLACED_UNREAD:
                 content = raw
             else:
-                content = decide.decode_body(raw, resp.headers.get("Content-Encoding", ""))
+                try:
+                    content = decide.decode_body(raw, resp.headers.get("Content-Encoding", ""))
+                except ValueError:
+                    if kind != "errors":
+                        raise
+                    # An error we cannot read (br from a CDN) is replaced unread.
+                    kind, content = "error-page", raw
             args = (kind, content, path, _client_names(rules, flow), resp.status_code)
             if len(content) > INLINE_REWRITE and self.work_pool is not None:
                 loop = asyncio.get_running_loop()

@@ -450,6 +450,21 @@ async def test_a_json_error_that_is_no_registry_error_keeps_its_status(
     assert f.response.headers["Content-Type"] == "application/json"
 
 
+async def test_a_json_error_in_an_encoding_the_proxy_cannot_read_keeps_its_status(tctx, addon):
+    # A CDN compresses JSON errors with br for a client that accepts it (curl
+    # --compressed): undecodable, it failed the flow with a 502, where a br-encoded
+    # text error got its own status.
+    f = flow("/v2/team/app/manifests/nope", headers=[("Accept-Encoding", "br")])
+    addon.requestheaders(f)
+    headers = [("Content-Type", "application/json"), ("Content-Encoding", "br")]
+    respond(f, 404, b"\x8b\x07\x80acme_team/app\x03", headers)
+    addon.responseheaders(f)
+    await addon.response(f)
+    assert b"acme_team" not in f.response.content
+    assert error_of(f)[:2] == (404, "UNKNOWN")
+    assert "Content-Encoding" not in f.response.headers
+
+
 async def test_a_redirects_body_is_dropped(tctx, addon):
     # The courtesy link in the body is the Location before its rewrite.
     f = flow("/v2/team/app/blobs/sha256:ab")
