@@ -326,6 +326,10 @@ class Stub:
             h.reply(
                 404, [("Content-Type", "text/html")], b"<p>%s: no such repo</p>" % name.encode()
             )
+        elif name.endswith("/problem"):
+            # A gateway's JSON error: no "errors" list to map names in.
+            problem = b'{"title": "%s not found", "status": 404}' % name.encode()
+            h.reply(404, [("Content-Type", "application/problem+json")], problem)
         elif name.endswith("/moved"):
             target = f"/v2/{name}/manifests/2"
             body = f'<a href="{target}">Temporary Redirect</a>.'.encode()
@@ -445,7 +449,7 @@ def test_unparseable_upstream_headers_give_a_json_502(stub, proxy, name):
     assert stub.requests[-1][1] == path.replace("/v2/team/", "/v2/acme_team/")
 
 
-@pytest.mark.parametrize("name, status", [("htmlerror", 404), ("moved", 307)])
+@pytest.mark.parametrize("name, status", [("htmlerror", 404), ("problem", 404), ("moved", 307)])
 def test_bodies_nothing_parses_for_names_never_pass(stub, proxy, name, status):
     # An HTML error page and a redirect's courtesy link name the upstream repository;
     # the first becomes a registry error, the second an empty body (its Location header
