@@ -107,11 +107,12 @@ def upstream_dirname(scheme: str, host: str, port: int) -> str:
 
     Readable when the host is (``https_registry.example_443``); a host whose characters
     had to be replaced (``a_b`` and ``a-b``, IPv6 addresses) also gets a hash of itself,
-    so that two upstreams never share blobs, grants or questions."""
+    so that two upstreams never share blobs, grants or questions. (After a "_", which no
+    replaced host keeps: after a "-", the host ``a-b-<that hash>`` named a_b's directory.)"""
     lowered = host.lower()
     safe = re.sub(r"[^a-z0-9.-]", "-", lowered)
     if safe != lowered:
-        safe += "-" + hashlib.sha256(lowered.encode()).hexdigest()[:12]
+        safe += "_" + hashlib.sha256(lowered.encode()).hexdigest()[:12]
     return f"{scheme}_{safe}_{port}"
 
 

@@ -352,6 +352,12 @@ def test_upstream_directories_never_collide():
         ]
     }
     assert len(names) == 7 and all("/" not in n and ":" not in n for n in names)
+    # A host that is its own replaced form (a valid DNS name) met the hashed form of
+    # another: the hash was appended with a character a host keeps.
+    import hashlib
+
+    hashed = "a-b-" + hashlib.sha256(b"a_b").hexdigest()[:12]
+    assert upstream_dirname("https", "a_b", 443) != upstream_dirname("https", hashed, 443)
 
 
 def test_referenced_digests_of_manifests_and_indexes():
