@@ -674,3 +674,46 @@ def test_an_upstream_that_answers_a_question_forever_does_not_hold_the_flow(both
         asyncio.run(run())
     finally:
         release.set()
+
+
+def test_hashes_after_a_restart_leave_the_caches_disk_looks_free(both, monkeypatch):
+    """After a restart every cached blob is hashed once before it is served (minutes for
+    a few GB). Four of them held all the cache's disk threads: every other pull's stat
+    of the cache, even a miss that needs nothing more, waited behind the hashes."""
+    _, cache = both
+    blobs = [put(cache.store, f"layer {i}".encode()) for i in range(cache_addon.FILE_WORKERS)]
+    release = threading.Event()
+    verifying = threading.Semaphore(0)
+
+    def slow_verify(upstream, digest):
+        verifying.release()
+        release.wait(30)
+        return True
+
+    monkeypatch.setattr(cache.store, "verify", slow_verify)
+    monkeypatch.setattr("regrewrite.realm.fetch", lambda *a: realm.Reply(200, (), b""))
+
+    def blob_flow(digest):
+        f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        return f
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        hits = [asyncio.ensure_future(cache.requestheaders(blob_flow(d))) for d in blobs]
+        for _ in blobs:
+            assert await asyncio.to_thread(verifying.acquire, True, 10)
+        try:
+            absent = Digest("sha256", "f" * 64)
+            miss = blob_flow(absent)
+            await asyncio.wait_for(cache.requestheaders(miss), 10)
+            assert miss.response is None and miss.id in cache.pending
+        finally:
+            release.set()
+            await asyncio.gather(*hits)
+            cache._land(miss.id, "failed")
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()

@@ -70,7 +70,8 @@ AHEAD_MANIFEST_LIMIT = 64 << 10
 # connections are kept, so a client's own question never waits behind a speed-up for
 # someone else (16 stalled questions asked ahead held a tag's HEAD for their timeout).
 ASK_WORKERS = MAX_AHEAD + realm.MAX_IDLE
-FILE_WORKERS = 4  # the cache's disk work (stat, read, hash after a restart)
+FILE_WORKERS = 4  # the cache's disk work (stat, read, touch, eviction)
+HASH_WORKERS = 4  # whole blobs hashed after a restart: threads of their own (see _hashed)
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
 _AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
 _JSON = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -116,6 +117,7 @@ class BlobCache:
         # the cache's file looks).
         self.ask_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.file_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
         # _plain_key -> (until, the core's rules it was made with, status, header
         # fields, body): see _answer_plain.
         self.plain: OrderedDict[tuple, tuple] = OrderedDict()
@@ -234,10 +236,10 @@ class BlobCache:
 
     def done(self):
         self._close()
-        for pool in (self.ask_pool, self.file_pool):
+        for pool in (self.ask_pool, self.file_pool, self.hash_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-        self.ask_pool = self.file_pool = None
+        self.ask_pool = self.file_pool = self.hash_pool = None
 
     @command.command("registry.cache")
     def stats_command(self) -> str:
@@ -555,14 +557,26 @@ class BlobCache:
         return self.ask_pool
 
     def _on_disk(self, fn, *args):
-        """Run disk work (a stat, a read, a whole blob's hash after a restart) in the
+        """Run disk work (a stat, a read, a touch, an eviction scan) in the
         cache's own threads: asyncio's default executor also resolves upstream host
-        names, and a multi-GB hash must not hold one of its few workers."""
+        names. (Whole blobs are hashed in others: _hashed.)"""
         if self.file_pool is None:
             self.file_pool = concurrent.futures.ThreadPoolExecutor(
                 FILE_WORKERS, thread_name_prefix="registry-cache-disk"
             )
         return asyncio.get_running_loop().run_in_executor(self.file_pool, fn, *args)
+
+    def _hashed(self, store: Store, upstream: str, digest: Digest):
+        """Whether a file not checked by this process holds its digest: a whole blob's
+        hash, in threads apart from _on_disk's (four multi-GB hashes after a restart
+        held all of those, and every other pull's stat of the cache waited)."""
+        if self.hash_pool is None:
+            self.hash_pool = concurrent.futures.ThreadPoolExecutor(
+                HASH_WORKERS, thread_name_prefix="registry-cache-hash"
+            )
+        return asyncio.get_running_loop().run_in_executor(
+            self.hash_pool, store.verify, upstream, digest
+        )
 
     def _remember_grant(self, credential: str, grant: bytes) -> None:
         """A yes, remembered no longer than the credential's token lives."""
@@ -594,7 +608,7 @@ class BlobCache:
             return False
         if ident not in self.verified:
             # Written by another replica or before a restart: check it once.
-            if not await self._on_disk(store.verify, upstream, digest):
+            if not await self._hashed(store, upstream, digest):
                 return False
             self.verified.add(ident)
         if kind == "manifests":
