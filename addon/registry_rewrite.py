@@ -757,6 +757,14 @@ class RegistryRewrite:
         if kind is None and not keep:
             resp.stream = True
             return
+        if kind == "redirect":
+            # Emptied as it arrives: buffered, the courtesy link counted against the
+            # budget of capped bodies (a storage redirect got a 502 while rewrites held it).
+            resp.headers.pop("Content-Encoding", None)
+            if "transfer-encoding" not in resp.headers:
+                resp.headers["Content-Length"] = "0"
+            resp.stream = _dropped
+            return
         # Buffered to be rewritten (or shown): never more than the cap.
         resp.stream = False
         flow.metadata["registry_rewrite"] = kind
@@ -983,6 +991,12 @@ def _refuse(flow: http.HTTPFlow, refusal: decide.Refusal) -> None:
     flow.comment = (
         f"denied: {refusal.reason}" if refusal.status < 500 else (f"failed: {refusal.reason}")
     )
+
+
+def _dropped(chunk: bytes) -> list[bytes]:
+    """A body stream that passes nothing on ([]: an empty chunk would end a chunked
+    HTTP/1 body early)."""
+    return []
 
 
 def _fail_response(flow: http.HTTPFlow, reason: str) -> None:

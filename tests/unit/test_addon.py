@@ -475,15 +475,48 @@ async def test_a_redirects_body_is_dropped(tctx, addon):
     addon.responseheaders(f)
     await addon.response(f)
     assert f.response.headers["Location"] == "http://127.0.0.1:5000/v2/team/app/blobs/sha256:ab"
-    assert f.response.content == b"" and f.response.headers["Content-Length"] == "0"
+    assert list(f.response.stream(link)) == [] and f.response.headers["Content-Length"] == "0"
     storage = flow("/v2/team/app/blobs/sha256:ab")
     addon.requestheaders(storage)
     headers = [("Location", "https://storage.test/x?sig=1"), ("Content-Encoding", "br")]
     respond(storage, 307, link, headers)  # (not decoded: never read)
     addon.responseheaders(storage)
     await addon.response(storage)
-    assert storage.response.content == b""
+    assert list(storage.response.stream(link)) == []
     assert storage.response.headers["Location"] == "https://storage.test/x?sig=1"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_redirects_body_is_dropped_as_it_arrives(tctx, addon, monkeypatch, chunked):
+    # Buffered to be emptied, a storage redirect's courtesy link counted against the
+    # budget of capped bodies: while other flows' rewrites held it, a blob GET got a
+    # 502 (and any body over 4 MiB did too). Nothing of it needs to be held.
+    import weakref
+
+    from regrewrite.addons import patches
+    from tests.unit.test_patches import Stream, feed, state_response
+
+    monkeypatch.setattr(patches, "_buffering", weakref.WeakSet())
+    f = flow("/v2/team/app/blobs/sha256:ab")
+    addon.requestheaders(f)
+    framing = ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", "44")
+    headers = [("Location", "https://storage.test/x?sig=1"), ("Content-Encoding", "br"), framing]
+    f.response = Response.make(307, b"", [(k.encode(), v.encode()) for k, v in headers])
+    addon.responseheaders(f)
+    s = Stream(cap=0, request=False)
+    s.flow = f
+    with patches.holding(patches.BUFFER_BUDGET):
+        assert feed(s, state_response, b"<a href=x>acme_team</a>", request=False) == []
+    assert f.live and f.error is None and s.response_body_buf == b""
+    assert callable(f.response.stream)
+    # ([], not b"": an empty chunk ends a chunked HTTP/1 body early)
+    assert list(f.response.stream(b"<a href=x>acme_team</a>")) == []
+    assert list(f.response.stream(b"")) == []
+    assert "Content-Encoding" not in f.response.headers
+    if chunked:
+        assert "Content-Length" not in f.response.headers
+    else:
+        assert f.response.headers["Content-Length"] == "0"
 
 
 def test_blob_bodies_are_streamed(tctx, addon):
