@@ -59,8 +59,8 @@ def defaults(args: list[str]) -> list[str]:
 
 
 def without_script(args: list[str], script: str) -> list[str]:
-    """``args`` less any ``-s``/``--scripts`` naming ``script``, which the command loads
-    itself (mitmdump stops on a duplicate script)."""
+    """``args`` less any ``-s``/``--scripts`` (in any form) naming ``script``, which the
+    command loads itself (mitmdump stops on a duplicate script)."""
     out: list[str] = []
     skip = False
     for i, arg in enumerate(args):
@@ -69,6 +69,15 @@ def without_script(args: list[str], script: str) -> list[str]:
             continue
         if arg in ("-s", "--scripts") and i + 1 < len(args) and _same_file(args[i + 1], script):
             skip = True
+            continue
+        # argparse's one-argument forms: --scripts=PATH, -sPATH
+        if arg.startswith("--scripts="):
+            given = arg.partition("=")[2]
+        elif arg.startswith("-s") and not arg.startswith("--"):
+            given = arg[2:]
+        else:
+            given = None
+        if given and _same_file(given, script):
             continue
         out.append(arg)
     return out

@@ -132,3 +132,19 @@ def test_http2_is_what_the_user_asked_for_once_mitmdump_parses_it(
     cli.main(["--set", f"registry_rules={rules}", *given])
     (argv,) = seen
     assert _http2_mitmdump_gets(argv) is http2
+
+
+@pytest.mark.parametrize("form", ["--scripts={}", "-s{}"])
+def test_the_addon_given_in_a_one_argument_form_is_loaded_once(monkeypatch, tmp_path, form):
+    # argparse reads --scripts=PATH and -sPATH as well as -s PATH: mitmdump was given
+    # the addon twice and stopped.
+    seen = []
+    monkeypatch.setattr(mitmproxy.tools.main, "mitmdump", seen.append)
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules: []\n")
+    script = str(Path(cli.__file__).parent.parent / "registry_rewrite.py")
+    other = tmp_path / "other.py"
+    other.write_text("")
+    cli.main([form.format(script), f"--set=registry_rules={rules}", form.format(other)])
+    (argv,) = seen
+    assert argv[2:] == ["--set", "http2=false", f"--set=registry_rules={rules}", form.format(other)]
