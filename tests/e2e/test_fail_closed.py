@@ -771,6 +771,22 @@ def test_http2_clients_get_the_same_errors(stub, proxy, tmp_path, ca):
     # A catalog past the cap: 502 naming it, nothing hidden.
     code, _, body = _curl("--http2", f"{url}/v2/_catalog?n=1002")
     assert code == 502 and b"hidden" not in body and str(RESPONSE_CAP).encode() in body, body
+    # Labelled as the JSON it is (mitmproxy's HTTP/2 layer labels its own errors text/html).
+    kind = subprocess.run(
+        [
+            "curl",
+            "-sk",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{content_type}",
+            f"{url}/v2/_catalog?n=1002",
+        ],
+        capture_output=True,
+        timeout=90,
+    ).stdout.decode()
+    assert kind == "application/json", kind
     # HEAD of a denied name: the status and no body; HEAD of a catalog over the cap.
     code, _, body = _curl("--http2", "-I", f"{url}/v2/secret/x/manifests/1")
     assert code == 404 and b"hidden" not in body

@@ -4,7 +4,8 @@ the addon is loaded (``enable``) and undone when it is unloaded (``disable``).
 1. Registry-style errors: mitmproxy's own answers (upstream refused, reset or timed
    out; a body over a cap) are HTML pages, which registry clients cannot show. Its page
    builders are swapped for ones that answer a registry JSON error; the details stay in
-   mitmproxy's log, not in the answer (they name the upstream's address).
+   mitmproxy's log, not in the answer (they name the upstream's address). Over HTTP/2
+   the headers it sends with them say text/html: they are relabelled JSON.
 2. Body caps per flow: mitmproxy reads the whole request body of a flow that already has
    a response before it answers, and buffers every response body it does not stream,
    without limit (``body_size_limit`` is global and would also stop blob uploads, which
@@ -21,10 +22,11 @@ import contextlib
 import weakref
 
 from mitmproxy import flow as mflow
-from mitmproxy import http
+from mitmproxy import http, version
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers import http as layers_http
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3
+from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 
 from regrewrite import api, decide
 
@@ -56,6 +58,20 @@ def _error_body(status_code: int, message: str) -> bytes:
     if status_code in (502, 503, 504):
         return api.registry_error("UNAVAILABLE")
     return api.registry_error("UNKNOWN", message=message or None)
+
+
+# The headers mitmproxy's HTTP/2 layer sends with an error of its own (after :status).
+_H2_ERROR_HEADERS = [(b"server", version.MITMPROXY.encode()), (b"content-type", b"text/html")]
+
+
+def _json_h2_errors(original):
+    def send_headers(self, stream_id, headers, *args, **kwargs):
+        if isinstance(headers, list) and headers[1:] == _H2_ERROR_HEADERS:
+            headers = [*headers[:2], (b"content-type", api.JSON_HEADERS["Content-Type"].encode())]
+        return original(self, stream_id, headers, *args, **kwargs)
+
+    send_headers.__wrapped__ = original
+    return send_headers
 
 
 def _make_error_response(status_code: int, message: str = "") -> bytes:
@@ -170,6 +186,11 @@ def enable() -> None:
         (_http1, "make_error_response", _make_error_response),
         (_http2, "format_error", _error_body),
         (_http3, "format_error", _error_body),
+        (
+            BufferedH2Connection,
+            "send_headers",
+            _json_h2_errors(BufferedH2Connection.send_headers),
+        ),
         (
             stream_cls,
             "state_consume_request_body",
