@@ -45,6 +45,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.results_file import write_keeping_reading  # noqa: E402
 from tests.e2e.clients import Containerd  # noqa: E402
 from tests.e2e.faultkit import push_image  # noqa: E402
 from tests.e2e.images import build_image  # noqa: E402
@@ -475,8 +476,7 @@ def main() -> None:
         text = report(bench, speeds, args)
     print(text)
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text)
+        write_keeping_reading(RESULTS, text)
         print(f"written to {RESULTS.relative_to(REPO_ROOT)}")
 
 
