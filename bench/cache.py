@@ -45,6 +45,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.results_file import write_keeping_reading  # noqa: E402
 from tests.e2e.clients import Containerd  # noqa: E402
 from tests.e2e.faultkit import push_image  # noqa: E402
 from tests.e2e.images import build_image  # noqa: E402
@@ -179,8 +180,7 @@ class Bench:
             finally:
                 del os.environ["SSL_CERT_FILE"]
 
-    def record(self, client: str, variant: str, runs: list[float]) -> None:
-        moved = self.link.bytes_down
+    def record(self, client: str, variant: str, runs: list[float], moved: int) -> None:
         seconds = statistics.median(runs)
         self.rows.append(
             {
@@ -195,27 +195,24 @@ class Bench:
         every = ", ".join(f"{r:.2f}" for r in runs)
         print(f"  {client:7} {variant:28} {seconds:6.2f} s ({every})  {moved / MiB:7.1f} MiB")
 
-    def pull(
-        self, client: str, variant: str, host: str, repo: str, tls: bool, creds, reps: int = 1
-    ) -> None:
-        """`reps` pulls one after the other (each into a fresh destination): their median
-        is reported, and the link bytes per pull."""
+    def timed(self, client: str, host: str, repo: str, tls: bool, creds) -> tuple[float, int]:
+        """One pull into a fresh destination: (seconds, bytes over the link)."""
         self.link.reset_counts()
-        runs = []
-        for _ in range(reps):
-            if client == "skopeo":
-                start = time.monotonic()
-                self.skopeo(host, repo, tls=tls, creds=creds)
-                runs.append(time.monotonic() - start)
-            else:
-                unpack = client == "ctr"
-                runs.append(self.ctr(host, repo, tls=tls, creds=creds, unpack=unpack))
-        self.record(client, variant, runs)
+        if client == "skopeo":
+            start = time.monotonic()
+            self.skopeo(host, repo, tls=tls, creds=creds)
+            seconds = time.monotonic() - start
+        else:
+            seconds = self.ctr(host, repo, tls=tls, creds=creds, unpack=client == "ctr")
+        return seconds, self.link.bytes_down
+
+    def pull(self, client: str, variant: str, host: str, repo: str, tls: bool, creds) -> None:
+        seconds, moved = self.timed(client, host, repo, tls, creds)
+        self.record(client, variant, [seconds], moved)
 
     # -- runs --------------------------------------------------------------------------
 
     def pulls(self, client: str) -> None:
-        warm = self.args.warm_reps
         registry_host = f"{LOOPBACK}:{self.registry.port}"
         self.pull(client, "registry, no link (floor)", registry_host, UPSTREAM_REPO, True, ALICE)
         link_host = f"{LOOPBACK}:{self.link.port}"
@@ -223,33 +220,36 @@ class Bench:
         p = self.proxy(None)
         self.pull(client, "proxy, no cache", p.host, CLIENT_REPO, False, ALICE)
         p.stop()
-        cache = self.fresh("cache")
-        c = self.proxy(cache)
+        # Each cache is filled by its cold pull, then the warm pulls take turns, so that
+        # the machine's drift (other sessions share it) spreads over all of them.
+        warm: list[tuple[str, str, str, object]] = []
+        c = self.proxy(self.fresh("cache"))
         self.pull(client, "proxy+cache cold", c.host, CLIENT_REPO, False, ALICE)
-        time.sleep(0.5)  # the last blob's rename
-        self.pull(client, "proxy+cache warm", c.host, CLIENT_REPO, False, ALICE, warm)
-        c.stop()
-        if client == "skopeo":
-            # skopeo with --tls-verify=false tries TLS first, and mitmproxy accepts it: its
-            # warm hits above went to the blob server over TLS. The same directory with
-            # the blob URL in plain HTTP, through a new proxy process (which checks each
-            # blob's digest once before its first hit, and asks the first ping upstream):
-            r = self.proxy(cache, "--set", "registry_cache_serve=redirect")
-            variant = "proxy+cache warm, restarted, http blob URL"
-            self.pull(client, variant, r.host, CLIENT_REPO, False, ALICE, warm)
-            r.stop()
+        warm.append(("proxy+cache warm", c.host, CLIENT_REPO, ALICE))
         if not self.args.no_distribution:
             # Over TLS to skopeo as the proxy is; plain HTTP to ctr, as the proxy is too.
-            d = self.pull_through(tls=client == "skopeo")
+            tls = client == "skopeo"
+            d = self.pull_through(tls=tls)
             self.pull(client, "distribution cold", d.host, UPSTREAM_REPO, False, None)
-            self.pull(client, "distribution warm", d.host, UPSTREAM_REPO, False, None, warm)
-            d.stop()
+            warm.append(("distribution warm", d.host, UPSTREAM_REPO, None))
             # The same with clients that must log in, as every client of the proxy does.
-            d = self.pull_through(tls=client == "skopeo", tokens=self.tokens)
-            variant = "distribution+login"
-            self.pull(client, f"{variant} cold", d.host, UPSTREAM_REPO, False, ALICE)
-            self.pull(client, f"{variant} warm", d.host, UPSTREAM_REPO, False, ALICE, warm)
+            dl = self.pull_through(tls=tls, tokens=self.tokens)
+            self.pull(client, "distribution+login cold", dl.host, UPSTREAM_REPO, False, ALICE)
+            warm.append(("distribution+login warm", dl.host, UPSTREAM_REPO, ALICE))
+        time.sleep(0.5)  # the last blob's rename
+        runs: dict[str, list[float]] = {variant: [] for variant, *_ in warm}
+        moved = dict.fromkeys(runs, 0)
+        for _ in range(self.args.warm_reps):
+            for variant, host, repo, creds in warm:
+                seconds, link_bytes = self.timed(client, host, repo, False, creds)
+                runs[variant].append(seconds)
+                moved[variant] += link_bytes
+        for variant in runs:
+            self.record(client, variant, runs[variant], moved[variant])
+        c.stop()
+        if not self.args.no_distribution:
             d.stop()
+            dl.stop()
 
     def concurrent(self, n: int) -> None:
         c = self.proxy(self.fresh("cache"))
@@ -268,7 +268,8 @@ class Bench:
             t.start()
         for t in threads:
             t.join(timeout=900)
-        self.record("skopeo", f"{n} concurrent cold", [time.monotonic() - start])
+        seconds = time.monotonic() - start
+        self.record("skopeo", f"{n} concurrent cold", [seconds], self.link.bytes_down)
         if errors:
             raise errors[0]
         c.stop()
@@ -371,8 +372,8 @@ def report(bench: Bench, speeds: dict[str, list[float]], args) -> str:
         f"{args.rate / 1e6:g} MB/s shared, {args.delay * 1000:g} ms per new connection "
         "(tests/e2e/throttle.py), in front of distribution 2.8 (TLS, token auth). "
         f"Machine: {os.cpu_count()} cores, shared. One run, {_now()}. Warm rows: median of "
-        f"{args.warm_reps} pulls in a row, each into a fresh destination (ctr: a fresh "
-        "containerd, so its time includes unpacking).",
+        f"{args.warm_reps} pulls, the variants taking turns, each into a fresh destination "
+        "(ctr: a fresh containerd; `ctr` unpacks, `ctr fetch` only fetches).",
         "",
         "| client | variant | seconds | runs | MiB over the link per pull | × image |",
         "|---|---|---:|---|---:|---:|",
@@ -457,7 +458,7 @@ def main() -> None:
     ap.add_argument("--no-distribution", action="store_true")
     ap.add_argument("--concurrent", type=int, default=10)
     ap.add_argument("--hit-reps", type=int, default=7)
-    ap.add_argument("--warm-reps", type=int, default=3, help="warm pulls per variant")
+    ap.add_argument("--warm-reps", type=int, default=5, help="warm pulls per variant")
     ap.add_argument("--hit-mib", type=int, default=128, help="blob size for hit throughput")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
@@ -475,8 +476,7 @@ def main() -> None:
         text = report(bench, speeds, args)
     print(text)
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text)
+        write_keeping_reading(RESULTS, text)
         print(f"written to {RESULTS.relative_to(REPO_ROOT)}")
 
 

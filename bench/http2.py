@@ -41,6 +41,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.results_file import write_keeping_reading  # noqa: E402
 from tests.e2e.clients import Containerd, Dockerd  # noqa: E402
 from tests.e2e.faultkit import push_image  # noqa: E402
 from tests.e2e.images import build_image  # noqa: E402
@@ -62,7 +63,6 @@ PROBE = BENCH / "http2_probe.py"
 ALPN = BENCH / "http2_alpn.py"
 UNSUPPORTED = BENCH / "http2_unsupported.py"
 MiB = 1 << 20
-READING = "## Reading"
 STREAM = ["--set", "stream_large_bodies=1"]
 # distribution's access log: `... "GET /v2/... HTTP/2.0" 200 ... "user agent"`
 _REG_LINE = re.compile(r'"(GET|HEAD) (\S+) (HTTP/[\d.]+)" (\d{3}) .*"([^"]*)"\s*$')
@@ -442,12 +442,7 @@ def main() -> None:
             lines.append(f"- {agent}: {', '.join(sorted(versions))}")
     text = "\n".join(lines) + "\n"
     print(text)
-    # The reading below the figures is written by hand: keep it (to be checked against the
-    # new figures) when the figures are regenerated.
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    if READING in old:
-        text += "\n" + old[old.index(READING) :]
-    RESULTS.write_text(text)
+    write_keeping_reading(RESULTS, text)
 
 
 if __name__ == "__main__":

@@ -565,3 +565,69 @@ def test_requests_without_credentials_get_the_upstreams_last_answer(cache_on, mo
         answered(f)
         upstream_says(f)
     assert len(cache.plain) == cache_addon.MAX_PLAIN
+
+
+def test_small_blobs_are_answered_from_the_file_within_a_memory_budget(cache_on, monkeypatch):
+    cache = cache_on
+    small = os.urandom(cache_addon.INLINE_BLOB)
+    small_digest = put(cache.store, small)
+    upstream = Upstream(
+        {
+            f"/v2/acme/x/blobs/{small_digest}": (200, {}),
+            f"/v2/acme/x/blobs/{DIGEST}": (200, {}),
+        }
+    )
+    monkeypatch.setattr("regrewrite.realm.fetch", upstream)
+    put(cache.store, DATA)  # 300,000 bytes: a redirect
+
+    async def get(digest, **headers):
+        f = _mapped_flow(f"/v2/acme/x/blobs/{digest}")
+        f.request.headers.update(headers)
+        f.client_conn.tls = False
+        f.client_conn.timestamp_tls_setup = None
+        await cache.requestheaders(f)
+        return f
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = await get(small_digest)
+        assert f.response.status_code == 200 and f.response.content == small
+        assert f.response.headers["Docker-Content-Digest"] == str(small_digest)
+        assert cache.inline_held == len(small)  # held until its response hook
+        cache.response(f)
+        assert cache.inline_held == 0 and not cache.inline
+        assert cache.counts["bytes_served"] == len(small)
+        big = await get(DIGEST)
+        assert big.response.status_code == 307  # past INLINE_BLOB: the blob server
+        ranged = await get(small_digest, Range="bytes=0-9")
+        assert ranged.response.status_code == 307  # ranges: the blob server's job
+        # Past the budget: a blob is redirected instead, a manifest goes upstream.
+        monkeypatch.setattr(cache_addon, "INLINE_BUDGET", len(small) + 10)
+        first = await get(small_digest)
+        second = await get(small_digest)
+        assert (first.response.status_code, second.response.status_code) == (200, 307)
+        cache.error(first)  # a failed flow gives its share back too
+        assert cache.inline_held == 0
+        for f in (big, ranged, second):
+            cache.response(f)
+        assert not cache.inline
+
+    asyncio.run(run())
+
+
+def test_a_big_blob_asked_for_as_a_manifest_goes_upstream(cache_on, monkeypatch):
+    # It passed for a manifest of a file too big to be one: _serve said "bad file",
+    # the lookup asked again, for ever.
+    cache = cache_on
+    digest = put(cache.store, DATA)
+    monkeypatch.setattr(cache_addon, "MANIFEST_LIMIT", len(DATA) - 1)
+    upstream = Upstream({f"/v2/acme/x/manifests/{digest}": (200, {})})
+    monkeypatch.setattr("regrewrite.realm.fetch", upstream)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = _mapped_flow(f"/v2/acme/x/manifests/{digest}")
+        await asyncio.wait_for(cache.requestheaders(f), 10)
+        assert f.response is None and "cache bypass" in f.comment
+
+    asyncio.run(run())

@@ -72,6 +72,8 @@ AHEAD_MANIFEST_LIMIT = 64 << 10
 ASK_WORKERS = MAX_AHEAD + realm.MAX_IDLE
 FILE_WORKERS = 4  # the cache's disk work (stat, read, touch, eviction)
 HASH_WORKERS = 4  # whole blobs hashed after a restart: threads of their own (see _hashed)
+INLINE_BLOB = 64 << 10  # blobs up to this size are answered from the file, not redirected
+INLINE_BUDGET = 32 << 20  # answers read from disk and not yet sent, over all flows
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
 _AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
 _JSON = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -116,6 +118,9 @@ class BlobCache:
         # asyncio's default executor (which resolves the upstreams' host names and runs
         # the cache's file looks).
         self.ask_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Answers read from disk (manifests, small blobs) until sent: bytes, and by flow.
+        self.inline_held = 0
+        self.inline: dict[str, int] = {}
         self.file_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
         # _plain_key -> (until, the core's rules it was made with, status, header
@@ -600,6 +605,11 @@ class BlobCache:
         """Answer from the cache; False when the file turned out bad (now removed).
         A manifest is labelled `content_type` (the upstream's, from its HEAD) or by
         what it says it is."""
+        if kind == "manifests" and size > MANIFEST_LIMIT:
+            # (A big blob asked for as a manifest: never read into memory; returning
+            # False would ask again, for ever, since the file is fine.)
+            self._bypass(flow, "larger than a manifest may be")
+            return True
         store = self.store
         path = store.path(upstream, digest)
         try:
@@ -611,9 +621,17 @@ class BlobCache:
             if not await self._hashed(store, upstream, digest):
                 return False
             self.verified.add(ident)
+        inline = kind == "manifests" or (
+            size <= INLINE_BLOB and "Range" not in flow.request.headers
+        )
+        if inline and not self._hold(flow, size):
+            # Answers read from disk wait to be sent in memory: past their budget a
+            # manifest goes upstream (a blob still gets the redirect below).
+            if kind == "manifests":
+                self._bypass(flow, "answers from disk over their memory budget")
+                return True
+            inline = False
         if kind == "manifests":
-            if size > MANIFEST_LIMIT:
-                return False
             read = await self._on_disk(_read_manifest, path)
             if read is None:
                 return False
@@ -629,6 +647,23 @@ class BlobCache:
                     "Docker-Content-Digest": str(digest),
                 },
             )
+        elif inline:
+            # A small blob (an image config, a small layer): from the file, over the
+            # client's own connection; a redirect would cost a round trip and a new
+            # (TLS) connection more than the blob itself.
+            content = await self._on_disk(_read_small, path, size)
+            if content is None:
+                return False
+            response = http.Response.make(
+                200,
+                content,
+                {
+                    **_JSON,
+                    "Content-Type": "application/octet-stream",
+                    "Docker-Content-Digest": str(digest),
+                },
+            )
+            self.counts["bytes_served"] += size
         else:
             relpath = store.relpath(upstream, digest)
             expires = int(time.time()) + URL_SECONDS
@@ -669,6 +704,18 @@ class BlobCache:
         self.counts["hits"] += 1
         _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
         return True
+
+    def _hold(self, flow: http.HTTPFlow, size: int) -> bool:
+        """Count an answer read from disk until its flow's response hook (or error):
+        False, counting nothing, when INLINE_BUDGET would be passed."""
+        if self.inline_held + size > INLINE_BUDGET:
+            return False
+        self.inline_held += size
+        self.inline[flow.id] = self.inline.get(flow.id, 0) + size
+        return True
+
+    def _release(self, flow: http.HTTPFlow) -> None:
+        self.inline_held -= self.inline.pop(flow.id, 0)
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, response: http.Response) -> None:
@@ -769,6 +816,7 @@ class BlobCache:
         resp.stream = stream
 
     def response(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)
         if self.store is not None and PLAIN_KEY in flow.metadata:
             try:
                 self._keep_plain(flow)
@@ -799,6 +847,7 @@ class BlobCache:
             self._land(flow.id, "not cacheable")
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)
         pending = self.pending.get(flow.id)
         if pending is None:
             return
@@ -960,6 +1009,16 @@ def _read_manifest(path: str) -> tuple[bytes, str] | None:
     except OSError:
         return None
     return content, _manifest_type(content)
+
+
+def _read_small(path: str, size: int) -> bytes | None:
+    """A small cached blob, whole (None if the file is not `size` bytes any more)."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read(size + 1)
+    except OSError:
+        return None
+    return content if len(content) == size else None
 
 
 def _manifest_type(content: bytes) -> str:
