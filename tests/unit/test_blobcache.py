@@ -611,6 +611,16 @@ def test_small_blobs_are_answered_from_the_file_within_a_memory_budget(cache_on,
         for f in (big, ranged, second):
             cache.response(f)
         assert not cache.inline
+        # A read that fails (the file changed under us) gives its share back at once:
+        # the lookup tries again and holds only what it answers with.
+        monkeypatch.setattr(cache_addon, "INLINE_BUDGET", 32 << 20)
+        reads = iter([None])
+        real = cache_addon._read_small
+        monkeypatch.setattr(cache_addon, "_read_small", lambda *a: next(reads, "real") and real(*a))
+        retried = await get(small_digest)
+        assert retried.response.content == small and cache.inline_held == len(small)
+        cache.response(retried)
+        assert cache.inline_held == 0
 
     asyncio.run(run())
 

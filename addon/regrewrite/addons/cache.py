@@ -591,7 +591,19 @@ class BlobCache:
             expires = None
         self.grants.remember(grant, time.time(), expires)
 
-    async def _serve(
+    async def _serve(self, flow: http.HTTPFlow, *args, **kwargs) -> bool:
+        """Answer from the cache (see _serve_file); the memory an answer read from disk
+        holds is given back at once unless the flow was answered with it."""
+        try:
+            served = await self._serve_file(flow, *args, **kwargs)
+        except BaseException:
+            self._release(flow)
+            raise
+        if not (served and flow.response is not None and flow.response.status_code == 200):
+            self._release(flow)  # redirected, relayed, bypassed or a bad file
+        return served
+
+    async def _serve_file(
         self,
         flow: http.HTTPFlow,
         kind: str,
