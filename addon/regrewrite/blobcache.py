@@ -227,12 +227,34 @@ def _unlink(path: str) -> bool:
         return False
 
 
+class Backlog:
+    """Bytes waiting for the disk over all writers: the per-blob bound alone let every
+    concurrent miss hold its own 32 MiB while a slow (network) disk fell behind."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.queued = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.queued + nbytes > self.limit:
+                return False
+            self.queued += nbytes
+            return True
+
+    def give(self, nbytes: int) -> None:
+        with self._lock:
+            self.queued -= nbytes
+
+
 class WriteBehind:
     """Writes one blob to a temp file from a thread, hashing as it goes.
 
     `feed()` never blocks the caller: when more than `max_queued` bytes wait for the
-    disk, the write is given up (the client is never slowed down for the cache) and the
-    bytes are dropped.  `close(length)` ends the stream; the worker renames the file
+    disk (or the shared `backlog` is full), the write is given up (the client is never
+    slowed down for the cache) and the bytes are dropped.  `close(length)` ends the
+    stream; the worker renames the file
     into place only if the digest matches and `length` (when known) was reached.
     `done` is called in the worker thread with the outcome: "stored", "corrupt",
     "aborted", "overflow" or "error:<errno>".
@@ -246,15 +268,18 @@ class WriteBehind:
         *,
         max_queued: int,
         done: Callable[[str], None],
+        backlog: Backlog | None = None,
     ) -> None:
         self.store = store
         self.upstream = upstream
         self.digest = digest
         self.max_queued = max_queued
         self.done = done
+        self.backlog = backlog
         self.queued = 0
         self.received = 0
         self.failed = False
+        self._finished = False  # the worker stopped taking data (under _lock)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, daemon=True, name="blobcache-write")
@@ -265,7 +290,10 @@ class WriteBehind:
             return
         self.received += len(chunk)
         with self._lock:
-            if self.queued + len(chunk) > self.max_queued:
+            if self._finished:
+                return
+            over = self.queued + len(chunk) > self.max_queued
+            if over or (self.backlog is not None and not self.backlog.take(len(chunk))):
                 self.failed = True
                 self._queue.put(("overflow", None))
                 return
@@ -299,6 +327,8 @@ class WriteBehind:
                     if kind == "data":
                         with self._lock:
                             self.queued -= len(value)
+                        if self.backlog is not None:
+                            self.backlog.give(len(value))
                         h.update(value)
                         f.write(value)
                         written += len(value)
@@ -322,8 +352,12 @@ class WriteBehind:
         finally:
             if temp is not None:
                 _unlink(temp)
-            # Drain what the producer may still queue after a failure.
-            self.queued = 0
+            # What is still queued is dropped with this writer: its share goes back.
+            with self._lock:
+                self._finished = True
+                left, self.queued = self.queued, 0
+            if self.backlog is not None and left:
+                self.backlog.give(left)
         try:
             self.done(outcome)
         except Exception:  # the callback must never kill the writer silently

@@ -94,6 +94,53 @@ def test_write_behind_gives_up_instead_of_buffering(tmp_path):
     assert outcome == "overflow"
 
 
+def test_writers_share_one_backlog_and_give_it_back(tmp_path, monkeypatch):
+    from regrewrite.blobcache import Backlog
+
+    store = Store(str(tmp_path))
+    backlog = Backlog(limit=len(DATA) + 10)
+    # A disk that does not keep up: the first writer's bytes wait in its queue.
+    gate = threading.Event()
+    real_open = open
+
+    def slow_open(*args, **kwargs):
+        gate.wait(10)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", slow_open)
+    outcomes = []
+    done = threading.Event()
+
+    def finished(o):
+        outcomes.append(o)
+        if len(outcomes) == 2:
+            done.set()
+
+    first = WriteBehind(store, "up", DIGEST, max_queued=1 << 30, done=finished, backlog=backlog)
+    first.feed(DATA)
+    assert backlog.queued == len(DATA)
+    other = Digest("sha256", hashlib.sha256(b"x" * 100).hexdigest())
+    second = WriteBehind(store, "up", other, max_queued=1 << 30, done=finished, backlog=backlog)
+    second.feed(b"x" * 100)  # past the shared limit: given up, though its own bound is far
+    assert second.failed and backlog.queued == len(DATA)
+    first.close(len(DATA))
+    second.close(100)
+    gate.set()
+    assert done.wait(10)
+    assert sorted(outcomes) == ["overflow", "stored"]
+    assert backlog.queued == 0  # every byte given back, written or dropped
+    abandoned = WriteBehind(
+        store, "up", other, max_queued=1 << 30, done=lambda o: None, backlog=backlog
+    )
+    abandoned.feed(b"y" * 50)
+    abandoned.abort()
+    for _ in range(100):
+        if backlog.queued == 0:
+            break
+        time.sleep(0.01)
+    assert backlog.queued == 0
+
+
 def test_write_behind_reports_an_unwritable_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

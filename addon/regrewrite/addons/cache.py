@@ -41,6 +41,7 @@ from mitmproxy import command, ctx, exceptions, http
 from regrewrite import api, realm
 from regrewrite.addons import client_origin, core, patches
 from regrewrite.blobcache import (
+    Backlog,
     Digest,
     Flights,
     Grants,
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 URL_SECONDS = 60  # lifetime of a redirect URL; its blob is not evicted meanwhile
 AUTH_TIMEOUT = 10.0  # seconds for the upstream's yes/no on a hit
 WAIT_SECONDS = 600.0  # longest wait for another request's download of the same blob
+MAX_BACKLOG = 64 << 20  # bytes waiting for the disk over all misses
 MAX_QUEUED = 32 << 20  # bytes waiting for the disk per blob before caching gives up
 MAX_AHEAD = 32  # blob questions asked ahead of the client at once, over all flows
 # Manifests whose blobs are asked about ahead: image manifests and indexes are a few KiB;
@@ -120,6 +122,7 @@ class BlobCache:
         self.ask_pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Answers read from disk (manifests, small blobs) until sent: bytes, and by flow.
         self.inline_held = 0
+        self.backlog = Backlog(MAX_BACKLOG)
         self.inline: dict[str, int] = {}
         self.file_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -815,7 +818,9 @@ class BlobCache:
         def done(outcome: str) -> None:
             loop.call_soon_threadsafe(self._written, flow.id, pending, outcome)
 
-        writer = WriteBehind(self.store, upstream, digest, max_queued=MAX_QUEUED, done=done)
+        writer = WriteBehind(
+            self.store, upstream, digest, max_queued=MAX_QUEUED, backlog=self.backlog, done=done
+        )
         pending.writer = writer
 
         def stream(chunk: bytes) -> bytes:
@@ -848,6 +853,7 @@ class BlobCache:
                     upstream,
                     digest,
                     max_queued=MAX_QUEUED,
+                    backlog=self.backlog,
                     done=lambda outcome: self.loop.call_soon_threadsafe(
                         self._written, flow.id, pending, outcome
                     ),
