@@ -70,10 +70,31 @@ def test_every_manifest_file_is_there():
         "ConfigMap",
         "Deployment",
         "Ingress",
+        "PersistentVolumeClaim",
         "PodDisruptionBudget",
         "Secret",
         "Service",
     ]
+
+
+def test_the_blob_cache_is_on_a_volume_every_replica_shares():
+    from regrewrite.blobcache import parse_size
+
+    c, pod = _container(), _pod()
+    directory = PurePosixPath(_option(c["args"], "registry_cache_dir"))
+    mounts = [m for m in c["volumeMounts"] if directory.is_relative_to(m["mountPath"])]
+    assert len(mounts) == 1 and not mounts[0].get("readOnly"), c["volumeMounts"]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mounts[0]["name"]]
+    claim = _one("PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    # Replicas on different nodes write at once: only ReadWriteMany allows it.
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert _one("Deployment")["spec"]["replicas"] > 1
+    size = claim["spec"]["resources"]["requests"]["storage"]
+    m = re.fullmatch(r"(\d+)Gi", size)
+    assert m, size
+    cap = parse_size(_option(c["args"], "registry_cache_max_bytes"))
+    assert cap < int(m.group(1)) << 30  # room for blobs in flight above the cap
 
 
 @pytest.mark.parametrize(
