@@ -811,8 +811,8 @@ class RegistryRewrite:
             rules = self.flow_rules.get(flow, self.rules)
             path = api.split_target(flow.request.path)[0]
             raw = resp.raw_content or b""
-            if kind in decide.REPLACED_UNREAD:
-                content = raw
+            if kind == "error-page":
+                content = raw  # replaced unread: any Content-Encoding will do
             else:
                 try:
                     content = decide.decode_body(raw, resp.headers.get("Content-Encoding", ""))

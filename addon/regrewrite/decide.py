@@ -342,7 +342,7 @@ class ResponsePlan:
     """How an upstream response reaches the client."""
 
     headers: tuple[tuple[str, tuple[str, ...]], ...]  # (name, new values) to set
-    rewrite: str | None  # "catalog", "tags", "errors", "error-page", "redirect"; None: as is
+    rewrite: str | None  # "catalog", "tags", "errors", "error-page", "redirect" (dropped)
     keep: bool  # buffer the body unchanged (a manifest kept for the content view)
     learned: tuple[tuple[str, str | None], ...]  # (realm, service) from challenges
 
@@ -439,9 +439,6 @@ def decode_body(body: bytes, encoding: str, limit: int = RESPONSE_BODY_CAP) -> b
     return out
 
 
-# Bodies replaced without being decoded or parsed (any Content-Encoding will do).
-REPLACED_UNREAD = frozenset(("redirect", "error-page"))
-
 # The registry error code for an upstream error whose own body is not passed on.
 _CODE_BY_STATUS = {
     401: "UNAUTHORIZED",
@@ -465,8 +462,6 @@ def rewrite_body(
     kind: str, body: bytes, path: str, client_name: api.MapName, status: int = 0
 ) -> bytes:
     """The rewritten body; raises ValueError when it cannot be rewritten."""
-    if kind == "redirect":
-        return b""
     if kind == "error-page":
         if not body.strip():
             return body
