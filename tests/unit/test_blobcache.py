@@ -688,3 +688,23 @@ def test_a_big_blob_asked_for_as_a_manifest_goes_upstream(cache_on, monkeypatch)
         assert f.response is None and "cache bypass" in f.comment
 
     asyncio.run(run())
+
+
+def test_a_cached_file_that_cannot_be_read_goes_upstream(cache_on, monkeypatch):
+    # Another replica's file this one may not read: found again on every look.
+    cache = cache_on
+    small = b"config" * 10
+    digest = put(cache.store, small)
+    monkeypatch.setattr(
+        "regrewrite.realm.fetch", Upstream({f"/v2/acme/x/blobs/{digest}": (200, {})})
+    )
+    monkeypatch.setattr(cache_addon, "_read_small", lambda *a: None)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = _mapped_flow(f"/v2/acme/x/blobs/{digest}")
+        await asyncio.wait_for(cache.requestheaders(f), 10)
+        assert f.response is None and "could not be served" in f.comment
+        assert cache.inline_held == 0
+
+    asyncio.run(run())

@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 URL_SECONDS = 60  # lifetime of a redirect URL; its blob is not evicted meanwhile
 AUTH_TIMEOUT = 10.0  # seconds for the upstream's yes/no on a hit
 WAIT_SECONDS = 600.0  # longest wait for another request's download of the same blob
+LOOKS = 4  # looks at the disk per request (a failed file, a download waited for, ...)
 MAX_BACKLOG = 64 << 20  # bytes waiting for the disk over all misses
 MAX_QUEUED = 32 << 20  # bytes waiting for the disk per blob before caching gives up
 MAX_AHEAD = 32  # blob questions asked ahead of the client at once, over all flows
@@ -326,7 +327,9 @@ class BlobCache:
         credential = flow.request.headers.get("Authorization")
         authorised = False
         waited = False
-        while True:
+        # Bounded: a file that cannot be read (another replica's, unreadable to this
+        # one) would be found again on every look.
+        for _ in range(LOOKS):
             # The flight is looked at before the disk: a download lands only after
             # its file is in place, so "no file" and "no flight" seen in this order
             # cannot hide a download that finished during the look (measured: it
@@ -357,6 +360,7 @@ class BlobCache:
                 await asyncio.wait_for(asyncio.shield(flight), WAIT_SECONDS)
             except TimeoutError:
                 return self._bypass(flow, "waited too long")
+        return self._bypass(flow, "the cached file could not be served")
 
     def _answer_plain(
         self, flow: http.HTTPFlow, upstream: str, repo: api.RepositoryPath | None
