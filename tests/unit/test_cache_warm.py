@@ -717,3 +717,53 @@ def test_hashes_after_a_restart_leave_the_caches_disk_looks_free(both, monkeypat
         asyncio.run(run())
     finally:
         release.set()
+
+
+def test_a_hit_looks_at_the_disk_once_and_does_not_wait_for_its_touch(both, monkeypatch):
+    """Each look at the disk is a hop to a thread and back, and while mitmproxy's loop is
+    busy each hop waits up to the GIL's switch interval (measured: 5 ms per hop for the
+    four parallel blob requests of a warm pull, three hops each). A hit stats its file
+    once; the touch that keeps eviction's order runs behind the answer, once a second
+    per file at most."""
+    _, cache = both
+    digest = put(cache.store, b"x" * (cache_addon.INLINE_BLOB + 1))  # (redirected)
+    monkeypatch.setattr("regrewrite.realm.fetch", lambda *a: realm.Reply(200, (), b""))
+    looks = []
+    on_disk = cache._on_disk
+
+    def counting(fn, *args):
+        looks.append(getattr(fn, "__name__", repr(fn)))
+        return on_disk(fn, *args)
+
+    touching = threading.Event()
+    release = threading.Event()
+
+    def stuck_touch(path):
+        touching.set()
+        release.wait(10)
+
+    monkeypatch.setattr(cache, "_on_disk", counting)
+    monkeypatch.setattr(cache.store, "touch", stuck_touch)
+
+    def blob_flow():
+        f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        return f
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        first = blob_flow()
+        await asyncio.wait_for(cache.requestheaders(first), 5)  # answered, touch stuck
+        assert first.response is not None and first.response.status_code == 307
+        assert await asyncio.to_thread(touching.wait, 5)
+        assert looks == ["_ident", "stuck_touch"]
+        looks.clear()
+        second = blob_flow()
+        await asyncio.wait_for(cache.requestheaders(second), 5)
+        assert second.response is not None and second.response.status_code == 307
+        assert looks == ["_ident"]  # (touched less than a second ago)
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()

@@ -74,6 +74,7 @@ AHEAD_MANIFEST_LIMIT = 64 << 10
 # someone else (16 stalled questions asked ahead held a tag's HEAD for their timeout).
 ASK_WORKERS = MAX_AHEAD + realm.MAX_IDLE
 FILE_WORKERS = 4  # the cache's disk work (stat, read, touch, eviction)
+MAX_TOUCHED = 4096  # files remembered as touched in the last second (see _touch)
 HASH_WORKERS = 4  # whole blobs hashed after a restart: threads of their own (see _hashed)
 INLINE_BLOB = 64 << 10  # blobs up to this size are answered from the file, not redirected
 INLINE_BUDGET = 32 << 20  # answers read from disk and not yet sent, over all flows
@@ -132,6 +133,7 @@ class BlobCache:
         self.plain: OrderedDict[tuple, tuple] = OrderedDict()
         # Files whose digest this process has checked (or written): (path, size, inode).
         self.verified: set[tuple[str, int, int]] = set()
+        self.touched: dict[str, float] = {}  # path -> when last touched (monotonic)
         # Redirect targets handed out, until their URL expires (eviction spares them).
         self.pins: dict[str, float] = {}
         self.pins_lock = threading.Lock()
@@ -312,11 +314,11 @@ class BlobCache:
             _comment(flow, "tag resolved upstream")
             return
         key = (upstream, digest)
-        size = await self._on_disk(self.store.size, upstream, digest)
-        if size == length and await self._serve(
-            flow, "manifests", upstream, name, digest, size, False, headers.get("content-type")
-        ):
-            return
+        ident = await self._on_disk(_ident, self.store.path(upstream, digest))
+        labelled = headers.get("content-type")
+        if ident is not None and ident[1] == length:
+            if await self._serve(flow, "manifests", upstream, name, digest, ident, False, labelled):
+                return
         if self.flights.get(key) is None:
             self.pending[flow.id] = _Pending(key, "manifests", self.flights.start(key), by_tag=True)
 
@@ -335,10 +337,10 @@ class BlobCache:
             # cannot hide a download that finished during the look (measured: it
             # did, and the blob was fetched twice).
             flight = self.flights.get(key)
-            size = await self._on_disk(self.store.size, upstream, digest)
-            if size is None and flight is None:
+            ident = await self._on_disk(_ident, self.store.path(upstream, digest))
+            if ident is None and flight is None:
                 flight = self.flights.get(key)  # one that started during the look
-            if size is None and flight is None:
+            if ident is None and flight is None:
                 # A miss: this flow fetches for everyone asking meanwhile.
                 # (Counted and noted once the upstream answers 200: a refusal is none.)
                 self.pending[flow.id] = _Pending(key, kind, self.flights.start(key))
@@ -350,8 +352,8 @@ class BlobCache:
                 authorised = await self._authorise(flow, upstream, name, digest, credential)
                 if not authorised:
                     return self._bypass(flow, "not authorised")
-            if size is not None:
-                if await self._serve(flow, kind, upstream, name, digest, size, waited):
+            if ident is not None:
+                if await self._serve(flow, kind, upstream, name, digest, ident, waited):
                     return
                 continue  # the file failed its check and was removed
             waited = True
@@ -578,6 +580,21 @@ class BlobCache:
             )
         return asyncio.get_running_loop().run_in_executor(self.file_pool, fn, *args)
 
+    def _touch(self, store: Store, path: str) -> None:
+        """Mark a file as just served (eviction's clock), not awaited: the answer does
+        not depend on it. At most once a second per file, so a burst of hits queues
+        one touch, not one per request."""
+        now = time.monotonic()
+        if self.touched.get(path, -1.0) > now - 1.0:
+            return
+        if len(self.touched) >= MAX_TOUCHED:
+            self.touched.clear()
+        self.touched[path] = now
+        try:
+            self._on_disk(store.touch, path)
+        except RuntimeError:  # the pool is shutting down: the order is lost, nothing else
+            pass
+
     def _hashed(self, store: Store, upstream: str, digest: Digest):
         """Whether a file not checked by this process holds its digest: a whole blob's
         hash, in threads apart from _on_disk's (four multi-GB hashes after a restart
@@ -617,24 +634,23 @@ class BlobCache:
         upstream: str,
         name: str,
         digest: Digest,
-        size: int,
+        ident: tuple[str, int, int],
         waited: bool,
         content_type: str | None = None,
     ) -> bool:
-        """Answer from the cache; False when the file turned out bad (now removed).
+        """Answer from the cache with the file `ident` names (as _ident found it a
+        moment ago: one look at the disk per hit, since a thread hop costs up to the
+        GIL's switch interval while mitmproxy's loop is busy; measured 5 ms each for
+        parallel blob requests); False when the file turned out bad (now removed).
         A manifest is labelled `content_type` (the upstream's, from its HEAD) or by
         what it says it is."""
+        path, size, _ = ident
         if kind == "manifests" and size > MANIFEST_LIMIT:
             # (A big blob asked for as a manifest: never read into memory; returning
             # False would ask again, for ever, since the file is fine.)
             self._bypass(flow, "larger than a manifest may be")
             return True
         store = self.store
-        path = store.path(upstream, digest)
-        try:
-            ident = await self._on_disk(_ident, path)
-        except OSError:
-            return False
         if ident not in self.verified:
             # Written by another replica or before a restart: check it once.
             if not await self._hashed(store, upstream, digest):
@@ -709,7 +725,7 @@ class BlobCache:
                 flow.metadata["registry_cache"] = "wait" if waited else "hit"
                 self.counts["hits"] += 1
                 _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
-                await self._on_disk(store.touch, path)
+                self._touch(store, path)
                 return True
             location = f"{scheme}://{host}:{self.server.port}{target}"
             response = http.Response.make(
@@ -717,7 +733,7 @@ class BlobCache:
                 b"",
                 {**_JSON, "Location": location, "Docker-Content-Digest": str(digest)},
             )
-        await self._on_disk(store.touch, path)
+        self._touch(store, path)
         self._answer(flow, response)
         flow.metadata["registry_cache"] = "wait" if waited else "hit"
         self.counts["hits"] += 1
@@ -893,13 +909,9 @@ class BlobCache:
         if outcome == "stored":
             self.counts["stored"] += 1
             path = self.store.path(upstream, digest) if self.store else None
-            if path is not None:
-                try:
-                    self.verified.add(_ident(path))
-                except OSError:
-                    pass
-            # Eviction scans the directory: in a thread, then waiters are let in.
-            task = asyncio.ensure_future(self._on_disk(self._evict))
+            # The new file is known good; then eviction scans the directory. Both in a
+            # thread, then waiters are let in.
+            task = asyncio.ensure_future(self._on_disk(self._stored, path))
             task.add_done_callback(lambda _: self._land(flow_id, outcome))
             return
         if outcome == "corrupt" and pending.by_tag:
@@ -912,6 +924,12 @@ class BlobCache:
         elif outcome.startswith("error:"):
             self._log_once(outcome, f"registry cache: cannot write ({outcome[6:]}); not caching")
         self._land(flow_id, outcome)
+
+    def _stored(self, path: str | None) -> None:
+        ident = _ident(path) if path is not None else None
+        if ident is not None:
+            self.verified.add(ident)
+        self._evict()
 
     def _evict(self) -> None:
         store, server = self.store, self.server
@@ -997,8 +1015,12 @@ def _unqueried(e: Exception) -> str:
     return re.sub(r"\?[^'\"\s]*", "?…", str(e))
 
 
-def _ident(path: str) -> tuple[str, int, int]:
-    st = os.stat(path)
+def _ident(path: str) -> tuple[str, int, int] | None:
+    """(path, size, inode) of a cached file, or None when there is none (blocking)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
     return path, st.st_size, st.st_ino
 
 
