@@ -405,9 +405,23 @@ def report(bench: Bench, speeds: dict[str, list[float]], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(ours: list[float], theirs: list[float], higher_is_better: bool) -> str:
+    """The rounds taken in turns compared one by one: on a shared machine the medians of
+    two close variants swap places from run to run, while the per-round comparison
+    says whether one is steadily ahead or the two are level within the noise."""
+    pairs = list(zip(ours, theirs, strict=True))
+    if higher_is_better:
+        ratios = [a / b for a, b in pairs if b]
+    else:
+        ratios = [b / a for a, b in pairs if a]
+    wins = sum(r >= 1 for r in ratios)
+    return f"ahead in {wins} of {len(ratios)} rounds, median ratio {statistics.median(ratios):.2f}"
+
+
 def targets(bench: Bench, speeds: dict[str, list[float]]) -> list[str]:
     """The issue's targets, computed from this run's rows (nothing typed in by hand)."""
     seconds = {(r["client"], r["variant"]): r["seconds"] for r in bench.rows}
+    runs = {(r["client"], r["variant"]): r["runs"] for r in bench.rows}
     lines = []
     for client in ("skopeo", "ctr", "ctr fetch"):
         cold = seconds.get((client, "proxy+cache cold"))
@@ -418,7 +432,7 @@ def targets(bench: Bench, speeds: dict[str, list[float]]) -> list[str]:
         ratio = cold / warm
         lines.append(
             f"| {client}: warm ≥ 10 × faster than cold | {cold:.2f} → {warm:.2f} s "
-            f"({ratio:.1f} ×; the registry itself without the link: {floor:.2f} s) | "
+            f"({ratio:.2f} ×; the registry itself without the link: {floor:.2f} s) | "
             f"{'yes' if ratio >= 10 else 'no'} |"
         )
         for variant, note in (
@@ -427,18 +441,22 @@ def targets(bench: Bench, speeds: dict[str, list[float]]) -> list[str]:
         ):
             theirs = seconds.get((client, variant))
             if theirs is not None:
+                rounds = paired(runs[client, "proxy+cache warm"], runs[client, variant], False)
                 lines.append(
                     f"| {client}: warm ≤ distribution's warm, same run ({note}) | "
-                    f"{warm:.2f} vs {theirs:.2f} s | {'yes' if warm <= theirs else 'no'} |"
+                    f"{warm:.2f} vs {theirs:.2f} s (medians; {rounds}) | "
+                    f"{'yes' if warm <= theirs else 'no'} |"
                 )
     for scheme in ("http", "https"):
         nginx = [v for k, v in speeds.items() if k.startswith(f"{scheme}: nginx")]
         ours = [v for k, v in speeds.items() if k.startswith(f"{scheme}: blob server")]
         if nginx and ours:
             a, b = statistics.median(ours[0]), statistics.median(nginx[0])
+            rounds = paired(ours[0], nginx[0], True)
             lines.append(
                 f"| hit throughput ≥ nginx serving the file ({scheme}) | blob server "
-                f"{a:.0f} vs nginx {b:.0f} MB/s (medians) | {'yes' if a >= b else 'no'} |"
+                f"{a:.0f} vs nginx {b:.0f} MB/s (medians; {rounds}) | "
+                f"{'yes' if a >= b else 'no'} |"
             )
     for r in bench.rows:
         if r["variant"].endswith("concurrent cold"):
@@ -457,8 +475,8 @@ def main() -> None:
     ap.add_argument("--no-ctr", action="store_true")
     ap.add_argument("--no-distribution", action="store_true")
     ap.add_argument("--concurrent", type=int, default=10)
-    ap.add_argument("--hit-reps", type=int, default=7)
-    ap.add_argument("--warm-reps", type=int, default=5, help="warm pulls per variant")
+    ap.add_argument("--hit-reps", type=int, default=11)
+    ap.add_argument("--warm-reps", type=int, default=7, help="warm pulls per variant")
     ap.add_argument("--hit-mib", type=int, default=128, help="blob size for hit throughput")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
