@@ -767,3 +767,57 @@ def test_a_hit_looks_at_the_disk_once_and_does_not_wait_for_its_touch(both, monk
         asyncio.run(run())
     finally:
         release.set()
+
+
+def _question_held(monkeypatch):
+    """A fake upstream whose every answer (a yes) waits for `release`; `asked` is set
+    once a question is being asked."""
+    asked, release = threading.Event(), threading.Event()
+
+    def fetch(method, url, headers, body, tls, timeout):
+        asked.set()
+        release.wait(10)
+        return realm.Reply(200, (), b"")
+
+    monkeypatch.setattr("regrewrite.realm.fetch", fetch)
+    return asked, release
+
+
+@pytest.mark.parametrize("there", ["corrupt", "absent"])
+def test_a_hit_whose_cache_directory_is_reloaded_meanwhile_serves_only_the_new_ones_checked_file(
+    both, tmp_path, monkeypatch, there
+):
+    """A hit looks at its file once, then asks the upstream (seconds): a reload of
+    registry_cache_dir meanwhile must not let the file found in the old directory (and
+    checked there) vouch for the new directory's, which is what the redirect names: the
+    new one's file is hashed first, and a missing one is no redirect to a 404."""
+    _, cache = both
+    data = b"x" * (cache_addon.INLINE_BLOB + 1)  # (redirected)
+    digest = put(cache.store, data)
+    cache.verified.add(cache_addon._ident(cache.store.path("up", digest)))
+    other = tmp_path / "other"
+    if there == "corrupt":  # (as another replica's broken disk would hold it)
+        target = other / "up" / "sha256" / digest.hex
+        target.parent.mkdir(parents=True)
+        target.write_bytes(b"y" * len(data))
+    asked, release = _question_held(monkeypatch)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        hit = asyncio.ensure_future(cache.requestheaders(f))
+        assert await asyncio.to_thread(asked.wait, 5)
+        cache_addon.ctx.options.update(registry_cache_dir=str(other))
+        release.set()
+        await asyncio.wait_for(hit, 5)
+        cache._land(f.id, "failed")
+        return f
+
+    try:
+        f = asyncio.run(run())
+    finally:
+        release.set()
+    # Not answered from the new directory: it holds no good copy (the corrupt one is gone).
+    assert f.response is None
+    assert not (other / "up" / "sha256" / digest.hex).exists()

@@ -651,6 +651,10 @@ class BlobCache:
             self._bypass(flow, "larger than a manifest may be")
             return True
         store = self.store
+        if path != store.path(upstream, digest):
+            # registry_cache_dir was reloaded since the look: the redirect would name
+            # the new directory's file, which the old one's check says nothing about.
+            return False
         if ident not in self.verified:
             # Written by another replica or before a restart: check it once.
             if not await self._hashed(store, upstream, digest):
