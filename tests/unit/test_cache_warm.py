@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import threading
 import time
 
@@ -821,3 +822,38 @@ def test_a_hit_whose_cache_directory_is_reloaded_meanwhile_serves_only_the_new_o
     # Not answered from the new directory: it holds no good copy (the corrupt one is gone).
     assert f.response is None
     assert not (other / "up" / "sha256" / digest.hex).exists()
+
+
+@pytest.mark.parametrize("kind", ["manifests", "blobs"])
+def test_a_checked_file_replaced_while_the_upstream_is_asked_is_not_served_unchecked(
+    both, monkeypatch, kind
+):
+    """The one look at the disk comes before the upstream's yes (seconds): a file put
+    in its place meanwhile (another inode, not checked by this process) must not be
+    read out as the one that was checked."""
+    _, cache = both
+    data = manifest_naming(descriptor(put(cache.store, b"layer"))) if kind == "manifests" else b"z"
+    digest = put(cache.store, data)
+    path = cache.store.path("up", digest)
+    cache.verified.add(cache_addon._ident(path))
+    asked, release = _question_held(monkeypatch)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        f = flow(f"/v2/acme_team/x/{kind}/{digest}", headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        hit = asyncio.ensure_future(cache.requestheaders(f))
+        assert await asyncio.to_thread(asked.wait, 5)
+        with open(path + ".new", "wb") as new:  # same size, other bytes, other inode
+            new.write(bytes(len(data)))
+        os.rename(path + ".new", path)
+        release.set()
+        await asyncio.wait_for(hit, 5)
+        cache._land(f.id, "failed")
+        return f
+
+    try:
+        f = asyncio.run(run())
+    finally:
+        release.set()
+    assert f.response is None or f.response.content == data

@@ -671,7 +671,7 @@ class BlobCache:
                 return True
             inline = False
         if kind == "manifests":
-            read = await self._on_disk(_read_manifest, path)
+            read = await self._on_disk(_read_manifest, ident)
             if read is None:
                 return False
             content, labelled = read
@@ -690,7 +690,7 @@ class BlobCache:
             # A small blob (an image config, a small layer): from the file, over the
             # client's own connection; a redirect would cost a round trip and a new
             # (TLS) connection more than the blob itself.
-            content = await self._on_disk(_read_small, path, size)
+            content = await self._on_disk(_read_small, ident)
             if content is None:
                 return False
             response = http.Response.make(
@@ -1049,20 +1049,22 @@ def _origin_of(flow: http.HTTPFlow) -> str:
     return f"{req.scheme}://{api.Origin(req.scheme, req.host, req.port).netloc}"
 
 
-def _read_manifest(path: str) -> tuple[bytes, str] | None:
-    """A cached manifest and its media type (in a thread: up to 4 MiB of JSON)."""
-    try:
-        with open(path, "rb") as f:
-            content = f.read(MANIFEST_LIMIT + 1)
-    except OSError:
-        return None
-    return content, _manifest_type(content)
+def _read_manifest(ident: tuple[str, int, int]) -> tuple[bytes, str] | None:
+    """A cached manifest and its media type (in a thread: up to 4 MiB of JSON); None
+    if the file is not the one `ident` names any more (see _read_small)."""
+    content = _read_small(ident)
+    return None if content is None else (content, _manifest_type(content))
 
 
-def _read_small(path: str, size: int) -> bytes | None:
-    """A small cached blob, whole (None if the file is not `size` bytes any more)."""
+def _read_small(ident: tuple[str, int, int]) -> bytes | None:
+    """The cached file `ident` names, whole; None if the file at its path is not that
+    one any more: the look that found (and checked) it came before the upstream's yes,
+    seconds ago, and a file put in its place meanwhile is checked by no one."""
+    path, size, inode = ident
     try:
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_ino != inode:
+                return None
             content = f.read(size + 1)
     except OSError:
         return None
