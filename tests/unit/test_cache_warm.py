@@ -724,8 +724,7 @@ def test_a_hit_looks_at_the_disk_once_and_does_not_wait_for_its_touch(both, monk
     """Each look at the disk is a hop to a thread and back, and while mitmproxy's loop is
     busy each hop waits up to the GIL's switch interval (measured: 5 ms per hop for the
     four parallel blob requests of a warm pull, three hops each). A hit stats its file
-    once; the touch that keeps eviction's order runs behind the answer, once a second
-    per file at most."""
+    once; the touch that keeps eviction's order runs behind the answer."""
     _, cache = both
     digest = put(cache.store, b"x" * (cache_addon.INLINE_BLOB + 1))  # (redirected)
     monkeypatch.setattr("regrewrite.realm.fetch", lambda *a: realm.Reply(200, (), b""))
@@ -762,7 +761,7 @@ def test_a_hit_looks_at_the_disk_once_and_does_not_wait_for_its_touch(both, monk
         second = blob_flow()
         await asyncio.wait_for(cache.requestheaders(second), 5)
         assert second.response is not None and second.response.status_code == 307
-        assert looks == ["_ident"]  # (touched less than a second ago)
+        assert looks == ["_ident", "stuck_touch"]
 
     try:
         asyncio.run(run())
@@ -857,3 +856,47 @@ def test_a_checked_file_replaced_while_the_upstream_is_asked_is_not_served_unche
     finally:
         release.set()
     assert f.response is None or f.response.content == data
+
+
+def test_a_blob_served_again_within_the_second_is_not_evicted_before_one_served_between(
+    both, monkeypatch
+):
+    """A blob served again soon after (another was served between) is the more
+    recently served one, and a download that lands then must not evict it first. (A
+    hit touched its file at most once a second for a while: this evicted it.)"""
+    _, cache = both
+    monkeypatch.setattr("regrewrite.realm.fetch", lambda *a: realm.Reply(200, (), b""))
+    again, between = put(cache.store, b"a" * 100), put(cache.store, b"b" * 100)
+    cache.cap = 200  # (two blobs of three)
+
+    def blob_flow(digest):
+        f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
+        f.metadata["registry_decision"] = "mapped"
+        return f
+
+    async def serve(digest):
+        path = cache.store.path("up", digest)
+        before = os.stat(path).st_mtime_ns
+        f = blob_flow(digest)
+        await cache.requestheaders(f)
+        assert f.response.status_code == 200
+        for _ in range(100):  # (the touch is not awaited)
+            if os.stat(path).st_mtime_ns != before:
+                break
+            await asyncio.sleep(0.01)
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        await serve(again)
+        await serve(between)
+        await serve(again)  # (within a second of its touch)
+        new = await asyncio.to_thread(put, cache.store, b"n" * 100)  # a download lands
+        key = ("up", new)
+        pending = cache_addon._Pending(key, "blobs", cache.flights.start(key))
+        cache.pending["landing"] = pending
+        cache._written("landing", pending, "stored")
+        await asyncio.wait_for(pending.flight, 5)
+
+    asyncio.run(run())
+    assert os.path.exists(cache.store.path("up", again))
+    assert not os.path.exists(cache.store.path("up", between))

@@ -74,7 +74,6 @@ AHEAD_MANIFEST_LIMIT = 64 << 10
 # someone else (16 stalled questions asked ahead held a tag's HEAD for their timeout).
 ASK_WORKERS = MAX_AHEAD + realm.MAX_IDLE
 FILE_WORKERS = 4  # the cache's disk work (stat, read, touch, eviction)
-MAX_TOUCHED = 4096  # files remembered as touched in the last second (see _touch)
 HASH_WORKERS = 4  # whole blobs hashed after a restart: threads of their own (see _hashed)
 INLINE_BLOB = 64 << 10  # blobs up to this size are answered from the file, not redirected
 INLINE_BUDGET = 32 << 20  # answers read from disk and not yet sent, over all flows
@@ -133,7 +132,6 @@ class BlobCache:
         self.plain: OrderedDict[tuple, tuple] = OrderedDict()
         # Files whose digest this process has checked (or written): (path, size, inode).
         self.verified: set[tuple[str, int, int]] = set()
-        self.touched: dict[str, float] = {}  # path -> when last touched (monotonic)
         # Redirect targets handed out, until their URL expires (eviction spares them).
         self.pins: dict[str, float] = {}
         self.pins_lock = threading.Lock()
@@ -582,14 +580,9 @@ class BlobCache:
 
     def _touch(self, store: Store, path: str) -> None:
         """Mark a file as just served (eviction's clock), not awaited: the answer does
-        not depend on it. At most once a second per file, so a burst of hits queues
-        one touch, not one per request."""
-        now = time.monotonic()
-        if self.touched.get(path, -1.0) > now - 1.0:
-            return
-        if len(self.touched) >= MAX_TOUCHED:
-            self.touched.clear()
-        self.touched[path] = now
+        not depend on it. (Queued behind the hit's own look at the disk, so touches
+        cannot pile up faster than hits are answered; and ahead of any eviction the
+        hit's download or a later one starts.)"""
         try:
             self._on_disk(store.touch, path)
         except RuntimeError:  # the pool is shutting down: the order is lost, nothing else
