@@ -182,13 +182,13 @@ class Store:
         for up in upstreams:
             if not up.is_dir(follow_symlinks=False):
                 continue
-            for sub in os.scandir(up.path):
+            for sub in _listing(up.path):
                 if not sub.is_dir(follow_symlinks=False):
                     continue
                 temp = sub.name == "tmp"
                 if not temp and sub.name not in ALGORITHMS:
                     continue
-                for e in os.scandir(sub.path):
+                for e in _listing(sub.path):
                     try:
                         st = e.stat(follow_symlinks=False)
                     except OSError:
@@ -214,6 +214,16 @@ class Store:
                 removed += 1
             total -= size  # gone, by us or by another replica
         return removed, total
+
+
+def _listing(path: str) -> list[os.DirEntry]:
+    """A directory's entries; none if it went away meanwhile (another replica, a volume
+    cleaned up by hand): one scan must not stop at it."""
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except OSError:
+        return []
 
 
 def _unlink(path: str) -> bool:

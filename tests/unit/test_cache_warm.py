@@ -900,3 +900,43 @@ def test_a_blob_served_again_within_the_second_is_not_evicted_before_one_served_
     asyncio.run(run())
     assert os.path.exists(cache.store.path("up", again))
     assert not os.path.exists(cache.store.path("up", between))
+
+
+def test_files_remembered_as_checked_stay_bounded(both, monkeypatch):
+    """Every checked file was remembered for good, evicted or not: a long-running
+    replica's memory grew with every blob it ever cached. Past MAX_VERIFIED the files no
+    longer on disk are forgotten, and if that is not enough, all are (hashed again when
+    next served)."""
+    _, cache = both
+    monkeypatch.setattr(cache_addon, "MAX_VERIFIED", 4)
+    cache.cap = 1 << 30  # (nothing evicted)
+    kept = [put(cache.store, f"blob {i}".encode()) for i in range(3)]
+    for digest in kept:
+        cache.verified.add(cache_addon._ident(cache.store.path("up", digest)))
+    for i in range(10):  # evicted long ago
+        cache.verified.add((cache.store.path("up", Digest("sha256", f"{i:064x}")), 1, i))
+    cache._stored(None)
+    assert cache.verified == {cache_addon._ident(cache.store.path("up", d)) for d in kept}
+    more = [put(cache.store, f"more {i}".encode()) for i in range(3)]
+    for digest in more:
+        cache.verified.add(cache_addon._ident(cache.store.path("up", digest)))
+    cache._stored(None)
+    assert cache.verified == set()  # (six on disk: over the bound, all forgotten)
+
+
+def test_an_upstream_directory_gone_mid_scan_does_not_stop_eviction(tmp_path, monkeypatch):
+    from regrewrite.blobcache import Store
+
+    store = Store(str(tmp_path))
+    for name in ("a", "b"):
+        (tmp_path / name / "sha256").mkdir(parents=True)
+        (tmp_path / name / "sha256" / ("0" * 64)).write_bytes(b"x" * 10)
+    real = os.scandir
+
+    def vanishing(path):
+        if str(path).endswith("/a"):  # removed between the listing and its scan
+            raise FileNotFoundError(path)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", vanishing)
+    assert [p for p, _, _ in store.entries()] == [str(tmp_path / "b" / "sha256" / ("0" * 64))]

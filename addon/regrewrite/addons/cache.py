@@ -75,6 +75,7 @@ AHEAD_MANIFEST_LIMIT = 64 << 10
 ASK_WORKERS = MAX_AHEAD + realm.MAX_IDLE
 FILE_WORKERS = 4  # the cache's disk work (stat, read, touch, eviction)
 HASH_WORKERS = 4  # whole blobs hashed after a restart: threads of their own (see _hashed)
+MAX_VERIFIED = 1 << 16  # files remembered as checked (see _forget_gone)
 INLINE_BLOB = 64 << 10  # blobs up to this size are answered from the file, not redirected
 INLINE_BUDGET = 32 << 20  # answers read from disk and not yet sent, over all flows
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
@@ -927,6 +928,17 @@ class BlobCache:
         if ident is not None:
             self.verified.add(ident)
         self._evict()
+        if len(self.verified) > MAX_VERIFIED:
+            self._forget_gone()
+
+    def _forget_gone(self) -> None:
+        """Bound the files remembered as checked: those no longer in the directory
+        (evicted here or by another replica) are forgotten; if that is not enough, all
+        are, and each is hashed again when next served (slower, never wrong)."""
+        store = self.store
+        present = {path for path, _, _ in store.entries()} if store is not None else set()
+        kept = {ident for ident in list(self.verified) if ident[0] in present}
+        self.verified = kept if len(kept) <= MAX_VERIFIED else set()
 
     def _evict(self) -> None:
         store, server = self.store, self.server
