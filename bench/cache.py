@@ -22,7 +22,10 @@ registry traffic without unpacking; both into a fresh containerd each time) from
 
 and measures hit throughput of one cached blob fetched with curl from: nginx serving
 the cache directory (sendfile), the cache's own blob server (the 307 target, sendfile),
-and mitmproxy relaying it (registry_cache_serve=through, the TLS-client path).
+and mitmproxy relaying it (registry_cache_serve=through, the TLS-client path). Last,
+production's shape: real HAProxy with deploy/haproxy.cfg ending TLS in front of the
+proxy, hits relayed by the proxy (serve=auto) or 307s to /blobs/ that HAProxy routes to
+the blob server (serve=public): skopeo warm pulls and curl -L of the blob through each.
 
 Prints a table with the issue's targets computed from it and writes
 bench/results/cache.md. Loopback only; every loop bounded.
@@ -129,11 +132,13 @@ class Bench:
 
     # -- endpoints ---------------------------------------------------------------------
 
-    def proxy(self, cache: Path | None, *extra: str, tls: bool = False) -> Mitmdump:
+    def proxy(
+        self, cache: Path | None, *extra: str, tls: bool = False, cache_port: int = 0
+    ) -> Mitmdump:
         args = list(extra)
         if cache is not None:
             args += ["--set", f"registry_cache_dir={cache}"]
-            args += ["--set", f"registry_cache_port={free_port()}"]
+            args += ["--set", f"registry_cache_port={cache_port or free_port()}"]
         m = Mitmdump(self.link.url, self.ca, RULES, tls=tls, extra_args=args).start()
         self.stack.callback(m.cleanup)
         return m
@@ -287,6 +292,7 @@ class Bench:
         digest = big.layers[0].digest
         path = f"/v2/{CLIENT_REPO}-big/blobs/{digest}"
         scopes = [f"repository:{CLIENT_REPO}-big:pull"]
+        self.big = (path, scopes)
         client = RegistryHTTP(redirect.url, ALICE, self.ca.client_context(), timeout=300)
         assert client.request("GET", path, scopes=scopes).status == 200  # the miss
         time.sleep(0.5)
@@ -358,6 +364,67 @@ class Bench:
                 assert out[0] == "200", (name, out)
                 speeds[name].append(float(out[1]) / 1e6)
         return speeds
+
+    def behind_balancer(self, reps: int, speeds: dict[str, list[float]]) -> None:
+        """Production's shape: HAProxy (deploy/haproxy.cfg) ends TLS in front of the
+        proxy, so the blob server has no certificate clients trust. Hits relayed by the
+        proxy (serve=auto) against 307s to /blobs/ that HAProxy routes to the blob
+        server (serve=public, RR_BLOBS): skopeo warm pulls taking turns, and the hit
+        blob fetched with curl -L through each (added to `speeds`)."""
+        from tests.e2e.haproxy import HAProxy
+
+        cache = self.fresh("cache")
+        trusted = ["--set", f"registry_trusted_proxies={LOOPBACK}/32"]
+        relayed = self.proxy(cache, *trusted)
+        blob_port = free_port()
+        public = self.proxy(
+            cache, *trusted, "--set", "registry_cache_serve=public", cache_port=blob_port
+        )
+        balancers = {
+            "relayed by the proxy (serve=auto)": HAProxy(self.ca, [relayed.host] * 3),
+            "blob server via HAProxy (serve=public)": HAProxy(
+                self.ca, [public.host] * 3, [f"{LOOPBACK}:{blob_port}"] * 3
+            ),
+        }
+        for ha in balancers.values():
+            ha.start()
+            self.stack.callback(ha.cleanup)
+        first = next(iter(balancers.values()))
+        self.pull("skopeo", "behind HAProxy, cold", first.host, CLIENT_REPO, True, ALICE)
+        time.sleep(0.5)  # the last blob's rename
+        runs: dict[str, list[float]] = {name: [] for name in balancers}
+        moved = dict.fromkeys(balancers, 0)
+        for _ in range(self.args.warm_reps):
+            for name, ha in balancers.items():
+                seconds, link_bytes = self.timed("skopeo", ha.host, CLIENT_REPO, True, ALICE)
+                runs[name].append(seconds)
+                moved[name] += link_bytes
+        for name in balancers:
+            self.record("skopeo", f"warm behind HAProxy, {name}", runs[name], moved[name])
+        path, scopes = self.big
+        ca = ["--cacert", str(self.ca.ca_pem)]
+        tokens = {}
+        for name, ha in balancers.items():
+            client = RegistryHTTP(ha.url, ALICE, self.ca.client_context(), timeout=300)
+            assert client.request("GET", path, scopes=scopes).status in (200, 307)
+            tokens[name] = client._tokens[tuple(scopes)]
+            speeds[f"https: HAProxy, {name}"] = []
+        time.sleep(0.5)
+        for _ in range(reps):
+            for name, ha in balancers.items():
+                auth = ["-H", f"Authorization: Bearer {tokens[name]}"]
+                out = subprocess.run(
+                    ["curl", "-sS", "-L", "-o", "/dev/null", "-w", "%{http_code} %{speed_download}"]
+                    + ca
+                    + auth
+                    + [f"{ha.url}{path}"],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=True,
+                ).stdout.split()
+                assert out[0] == "200", (name, out)
+                speeds[f"https: HAProxy, {name}"].append(float(out[1]) / 1e6)
 
 
 def _now() -> str:
@@ -479,6 +546,7 @@ def main() -> None:
     ap.add_argument("--warm-reps", type=int, default=7, help="warm pulls per variant")
     ap.add_argument("--hit-mib", type=int, default=128, help="blob size for hit throughput")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--no-balancer", action="store_true", help="skip the HAProxy rows")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp, contextlib.ExitStack() as s:
         bench = Bench(args, s, Path(tmp))
@@ -491,6 +559,8 @@ def main() -> None:
         if args.concurrent:
             bench.concurrent(args.concurrent)
         speeds = bench.hit_throughput(args.hit_reps) if args.hit_reps else {}
+        if args.hit_reps and not args.no_balancer:
+            bench.behind_balancer(args.hit_reps, speeds)
         text = report(bench, speeds, args)
     print(text)
     if not args.no_write:

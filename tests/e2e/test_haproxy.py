@@ -14,19 +14,11 @@ request naming the server); its stats CSV gives retries and redispatches. Run wi
 
 from __future__ import annotations
 
-import csv
 import http.client
-import io
 import os
-import re
 import shutil
-import subprocess
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -36,6 +28,7 @@ import pytest
 
 from tests.e2e.conftest import require_tool
 from tests.e2e.faultkit import pull_image, push_image
+from tests.e2e.haproxy import HAProxy, LogEntry
 from tests.e2e.images import ACCEPT_MANIFESTS, fetch_manifest
 from tests.e2e.proxycheck import assert_only_upstream_names
 from tests.e2e.regclient import parse_challenge
@@ -43,15 +36,9 @@ from tests.e2e.upstream import (
     ALICE,
     BOB,
     LOOPBACK,
-    REPO_ROOT,
-    LaunchError,
-    TestCA,
-    _Service,
     free_port,
-    wait_for_port,
 )
 
-HAPROXY_CFG = REPO_ROOT / "deploy" / "haproxy.cfg"
 REPLICAS = 3
 RULES = """
 token_path: /auth
@@ -69,147 +56,6 @@ KILL_WORKERS = 6
 KILL_AFTER = 12  # pulls completed before the kill
 SKOPEO_EVERY = 6  # every 6th pull is a real skopeo pull, the others raw HTTP
 ROUND_TIMEOUT = 180.0  # seconds for the whole round
-
-_SYNC = "e2e-log-sync"
-# HAProxy `option httplog` line (log-format %ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta
-# %ST %B %CC %CS %tsc %ac/%fc/%bc/%sc/%rc %sq/%bq %hr %hs %{+Q}r).
-_LOG_LINE = re.compile(
-    r"^\S+ \[[^\]]+\] \S+ (?P<backend>[^/\s]+)/(?P<server>\S+) \S+ (?P<status>-?\d+) "
-    r"\S+ \S+ \S+ \S+ \S+/\S+/\S+/\S+/\+?(?P<retries>\d+) .*\"(?P<method>\S+) "
-    r"(?P<uri>\S+) HTTP/[\d.]+\"$"
-)
-
-
-@dataclass(frozen=True)
-class LogEntry:
-    server: str
-    status: int
-    retries: int
-    method: str
-    uri: str
-
-    @property
-    def path(self) -> str:
-        return self.uri.split("?", 1)[0]
-
-
-class HAProxy(_Service):
-    """`haproxy -f deploy/haproxy.cfg` with its RR_* variables pointing at loopback."""
-
-    def __init__(self, ca: TestCA, replicas: list[str]):
-        self.ca = ca
-        self.replicas = replicas
-        self.dir = Path(tempfile.mkdtemp(prefix="e2e-haproxy-"))
-        self.log_path = self.dir / "haproxy.log"
-        self.port = 0
-        self.stats_port = 0
-        self.proc: subprocess.Popen | None = None
-        self._mark = 0
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"https://{self.host}"
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            RR_BIND=f"{LOOPBACK}:{self.port}",
-            RR_CERT=str(self.ca.combined_pem),  # HAProxy takes key and chain in one PEM
-            RR_STATS=f"{LOOPBACK}:{self.stats_port}",
-        )
-        for i, address in enumerate(self.replicas, 1):
-            env[f"RR_REPLICA{i}"] = address
-        return env
-
-    def start(self, timeout: float = 20.0) -> HAProxy:
-        self.port, self.stats_port = free_port(), free_port()
-        check = subprocess.run(
-            ["haproxy", "-c", "-f", str(HAPROXY_CFG)],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
-        self._launch(["haproxy", "-f", str(HAPROXY_CFG)], self.env(), timeout)
-        try:
-            wait_for_port(self.stats_port, timeout=timeout, proc=self.proc, describe=self.log_text)
-        except LaunchError:
-            self.stop()
-            raise
-        return self
-
-    def stats(self) -> dict[str, dict[str, str]]:
-        """The stats CSV rows of backend `replicas`, by server name (and BACKEND)."""
-        url = f"http://{LOOPBACK}:{self.stats_port}/stats;csv"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode().lstrip("# ")
-        return {
-            row["svname"]: row
-            for row in csv.DictReader(io.StringIO(text))
-            if row["pxname"] == "replicas"
-        }
-
-    def wait_states(self, want: dict[str, str], timeout: float = 30.0) -> dict:
-        """Wait until each named server's status starts with the wanted one (UP, DOWN)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.stats()
-            states = {name: stats[name]["status"] for name in want}
-            if all(states[n].startswith(s) for n, s in want.items()):
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"servers {states}, wanted {want}\n{self.log_text()[-3000:]}")
-            time.sleep(0.2)
-
-    def _sync_log(self, timeout: float = 10.0) -> None:
-        """Make sure every request HAProxy finished so far is in its log.
-
-        HAProxy logs a request when it ends, possibly just after the client has read the
-        answer: a marker request sent after those, once logged, shows they are too.
-        """
-        marker = uuid.uuid4().hex
-        url = f"{self.url}/livez?{_SYNC}={marker}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout, context=self.ca.client_context()):
-                pass
-        except urllib.error.HTTPError:
-            pass  # any answer will do: it is logged all the same
-        deadline = time.monotonic() + timeout
-        while marker not in self.log_text():
-            if time.monotonic() > deadline:
-                raise TimeoutError("HAProxy's log did not show the sync request")
-            time.sleep(0.05)
-
-    def entries(self, *, since_mark: bool = False) -> list[LogEntry]:
-        """Requests HAProxy sent to the replicas, in the order they ended."""
-        self._sync_log()
-        text = self.log_text()
-        if since_mark:
-            text = text[self._mark :]
-        found = []
-        for line in text.splitlines():
-            m = _LOG_LINE.match(line)
-            if m and m.group("backend") == "replicas" and _SYNC not in m.group("uri"):
-                found.append(
-                    LogEntry(
-                        m.group("server"),
-                        int(m.group("status")),
-                        int(m.group("retries")),
-                        m.group("method"),
-                        m.group("uri"),
-                    )
-                )
-        return found
-
-    def mark(self) -> None:
-        """Remember the end of the log, for `entries(since_mark=True)`."""
-        self._sync_log()
-        self._mark = len(self.log_text())
 
 
 class ConfigMapDir:
@@ -252,16 +98,34 @@ class Cluster:
 
 @pytest.fixture
 def cluster(request, ca, registry, proxy, tmp_path):
+    yield from _cluster(request, ca, proxy, tmp_path, cache=False)
+
+
+@pytest.fixture
+def cache_cluster(request, ca, registry, proxy, tmp_path):
+    """The replicas share one blob cache directory; hits are 307s to /blobs/ on HAProxy,
+    which routes them to the replicas' blob servers (deploy/haproxy.cfg's RR_BLOBS)."""
+    yield from _cluster(request, ca, proxy, tmp_path, cache=True)
+
+
+def _cluster(request, ca, proxy, tmp_path, cache: bool):
     require_tool("haproxy")
     rules = ConfigMapDir(tmp_path / "rules", {"rules.yaml": RULES})
-    replicas = [
-        proxy(
-            rules_file=rules.path("rules.yaml"),
-            extra_args=["--set", f"registry_trusted_proxies={LOOPBACK}/32"],
-        )
-        for _ in range(REPLICAS)
-    ]
-    ha = HAProxy(ca, [r.host for r in replicas]).start()
+    replicas, blobs = [], []
+    for _ in range(REPLICAS):
+        extra = ["--set", f"registry_trusted_proxies={LOOPBACK}/32"]
+        if cache:
+            blobs.append(f"{LOOPBACK}:{free_port()}")
+            extra += [
+                "--set",
+                f"registry_cache_dir={tmp_path / 'cache'}",
+                "--set",
+                "registry_cache_serve=public",
+                "--set",
+                f"registry_cache_port={blobs[-1].rpartition(':')[2]}",
+            ]
+        replicas.append(proxy(rules_file=rules.path("rules.yaml"), extra_args=extra))
+    ha = HAProxy(ca, [r.host for r in replicas], blobs).start()
     try:
         ha.wait_states({f"replica{i}": "UP" for i in range(1, REPLICAS + 1)})
         yield Cluster(ha, replicas, rules)
@@ -363,6 +227,47 @@ def test_skopeo_and_ctr_pull_and_push_through_haproxy(
     assert any(e.method == "POST" and e.path == "/auth" for e in ctr_entries), ctr_entries
     _print_figures("skopeo pull, requests per replica", pull_counts)
     _print_figures("ctr pull + push, requests per replica", ctr_counts)
+
+
+def test_cache_hits_leave_haproxy_from_the_blob_servers(
+    cache_cluster, registry, skopeo, make_image, unique, tmp_path
+):
+    """Behind a TLS-terminating balancer the blob servers have no certificate clients
+    trust, so hits were relayed by the proxy (a few hundred MB/s). With
+    registry_cache_serve=public a hit is a 307 to /blobs/ on HAProxy's own address and
+    HAProxy sends it to a blob server: a warm pull's layers all come from the blob
+    servers, whichever replica signed the URL (one shared directory and key)."""
+    ha = cache_cluster.haproxy
+    repo, up_repo = f"team/hac-{unique}/app", f"acme_team/hac-{unique}/app"
+    image = make_image(layers=4, layer_size=200_000)  # (over 64 KiB: redirected)
+    dest = f"docker://{ha.host}/{repo}"
+    skopeo.copy(image.ref, f"{dest}:1", dest_creds=ALICE, tls_verify=True)
+    skopeo.copy(f"{dest}:1", f"oci:{tmp_path / 'cold'}:x", src_creds=ALICE, tls_verify=True)
+    layers = {layer.digest.partition(":")[2] for layer in image.layers}
+    cached = tmp_path / "cache"
+    deadline = time.monotonic() + 30
+    while {p.name for p in cached.glob("*/sha256/*")} < layers:  # (renamed into place)
+        assert time.monotonic() < deadline, sorted(p.name for p in cached.glob("*/*/*"))
+        time.sleep(0.1)
+
+    ha.mark()
+    registry.mark()
+    out = tmp_path / "warm"
+    skopeo.copy(f"{dest}:1", f"oci:{out}:x", src_creds=ALICE, tls_verify=True)
+    assert (out / "index.json").read_text().count(image.digest) == 1
+    served = ha.entries(since_mark=True, backend="blobs")
+    assert {e.path.rpartition("/")[2] for e in served if e.status == 200} == layers, served
+    assert all(e.path.startswith("/blobs/") for e in served), served
+    to_replicas = ha.entries(since_mark=True)
+    redirected = [e for e in to_replicas if "/blobs/" in e.path and e.status == 307]
+    assert len(redirected) == len(layers), to_replicas
+    assert_only_upstream_names(registry.access_log(since_mark=True), up_repo)
+    fetched = [uri for method, uri in registry.requests(since_mark=True) if method == "GET"]
+    assert not [uri for uri in fetched if "/blobs/" in uri], fetched  # (HEADs only)
+    _print_figures(
+        "warm pull, layers per blob server",
+        dict(Counter(e.server for e in served if e.status == 200)),
+    )
 
 
 @pytest.mark.slow

@@ -940,3 +940,43 @@ def test_an_upstream_directory_gone_mid_scan_does_not_stop_eviction(tmp_path, mo
 
     monkeypatch.setattr(os, "scandir", vanishing)
     assert [p for p, _, _ in store.entries()] == [str(tmp_path / "b" / "sha256" / ("0" * 64))]
+
+
+def test_public_mode_redirects_to_the_proxys_public_address(tmp_path, monkeypatch):
+    """Behind a TLS-terminating balancer (serve=public) a hit is a 307 to the address
+    clients know, under /blobs/: the balancer routes that path to the blob servers. The
+    URL is one the blob server honours (its signature), never the replica's own port."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    core, cache = registry_rewrite.RegistryRewrite(), BlobCache()
+    monkeypatch.setattr(cache_addon, "upstream_dirname", lambda scheme, host, port: "up")
+    monkeypatch.setattr("regrewrite.realm.fetch", lambda *a: realm.Reply(200, (), b""))
+    with taddons.context(core, cache) as tctx:
+        tctx.configure(
+            core, registry_rules=str(rules), registry_public_url="https://registry.example.com"
+        )
+        tctx.configure(
+            cache,
+            registry_cache_dir=str(tmp_path / "cache"),
+            listen_host="127.0.0.1",
+            registry_cache_serve="public",
+        )
+        try:
+            digest = put(cache.store, b"x" * (cache_addon.INLINE_BLOB + 1))
+            f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
+            f.metadata["registry_decision"] = "mapped"
+
+            async def run():
+                cache.loop = asyncio.get_running_loop()
+                await cache.requestheaders(f)
+
+            asyncio.run(run())
+            assert f.response is not None and f.response.status_code == 307
+            location = f.response.headers["Location"]
+            prefix = f"https://registry.example.com/blobs/up/sha256/{digest.hex}?e="
+            assert location.startswith(prefix), location
+            query = dict(part.split("=", 1) for part in location.partition("?")[2].split("&"))
+            relpath = f"up/sha256/{digest.hex}"
+            assert cache.signer.check(relpath, query["e"], query["s"], time.time())
+        finally:
+            tctx.configure(cache, registry_cache_dir=None)

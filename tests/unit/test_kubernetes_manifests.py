@@ -235,13 +235,31 @@ def test_ingress_reaches_the_service_and_the_token_endpoint():
     for rule in ingress["rules"]:
         for p in rule["http"]["paths"]:
             paths[p["path"]] = p["backend"]["service"]
-    assert set(paths) == {"/v2/", token_path}
+    assert set(paths) == {"/v2/", token_path, "/blobs/"}
     for backend in paths.values():
         assert backend["name"] == service["metadata"]["name"]
         assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
     assert ingress["tls"], "the ingress terminates TLS"
     # The replicas trust forwarded headers from some range, or the realm would be wrong.
     assert _option(_container()["args"], "registry_trusted_proxies")
+
+
+def test_cache_hits_are_routed_to_the_blob_servers():
+    """registry_cache_serve=public redirects hits to /blobs/ on the public address: the
+    ingress must send that path to the port the blob servers listen on, or every warm
+    pull fails on its first layer."""
+    args = _container()["args"]
+    assert _option(args, "registry_cache_serve") == "public"
+    (port,) = [p for p in _container()["ports"] if p["name"] == "blobs"]
+    assert port["containerPort"] == int(_option(args, "registry_cache_port"))
+    service = {p["name"]: p for p in _one("Service")["spec"]["ports"]}
+    routes = {
+        p["path"]: (p["pathType"], p["backend"]["service"]["port"]["name"])
+        for rule in _one("Ingress")["spec"]["rules"]
+        for p in rule["http"]["paths"]
+    }
+    assert routes["/blobs/"] == ("Prefix", "blobs")
+    assert service["blobs"]["targetPort"] == "blobs"
 
 
 def test_every_option_the_deployment_and_image_set_exists():

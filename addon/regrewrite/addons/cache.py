@@ -81,7 +81,7 @@ INLINE_BUDGET = 32 << 20  # answers read from disk and not yet sent, over all fl
 MANIFEST_LIMIT = 4 << 20  # manifests are cached up to this size (the spec's limit)
 _AUTHORISED = frozenset((200, 302, 303, 307, 308))  # a redirect to storage is a yes too
 _JSON = {"Docker-Distribution-API-Version": "registry/2.0"}
-SERVE_MODES = ("auto", "redirect", "through")
+SERVE_MODES = ("auto", "redirect", "through", "public")
 # Answers to requests without credentials, remembered and given again (_answer_plain).
 PLAIN_SECONDS = 30.0
 PLAIN_BODY_LIMIT = 4096
@@ -171,7 +171,10 @@ class BlobCache:
             "How hits reach the client: auto (307 to the local blob server, over TLS with "
             "the proxy's own certificate when the client came over TLS), redirect (307 "
             "to plain HTTP even for TLS clients), through (the proxy relays the blob from "
-            "the local blob server: slowest).",
+            "the local blob server: slowest), public (307 to the proxy's public address "
+            "under /blobs/, for a TLS-terminating balancer that routes that path to the "
+            "replicas' blob servers on registry_cache_port; the replicas share "
+            "registry_cache_dir).",
             choices=SERVE_MODES,
         )
         loader.add_option(
@@ -725,7 +728,13 @@ class BlobCache:
                 _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
                 self._touch(store, path)
                 return True
-            location = f"{scheme}://{host}:{self.server.port}{target}"
+            if mode == "public":
+                # The address clients reach the proxy at: the balancer in front ends
+                # TLS and routes /blobs/ to the replicas' blob servers (which share the
+                # cache directory and its signing key, so any of them serves the URL).
+                location = f"{public}{target}"
+            else:
+                location = f"{scheme}://{host}:{self.server.port}{target}"
             response = http.Response.make(
                 307,
                 b"",
