@@ -978,5 +978,17 @@ def test_public_mode_redirects_to_the_proxys_public_address(tmp_path, monkeypatc
             query = dict(part.split("=", 1) for part in location.partition("?")[2].split("&"))
             relpath = f"up/sha256/{digest.hex}"
             assert cache.signer.check(relpath, query["e"], query["s"], time.time())
+
+            # A client that came straight to this replica (no public URL, no balancer's
+            # headers) is sent to the blob server's own port: /blobs/ here is the proxy.
+            tctx.configure(core, registry_public_url="")
+            direct = flow(
+                f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")]
+            )
+            direct.metadata["registry_decision"] = "mapped"
+            f = direct
+            asyncio.run(run())
+            location = direct.response.headers["Location"]
+            assert location.startswith(f"http://127.0.0.1:{cache.server.port}/blobs/"), location
         finally:
             tctx.configure(cache, registry_cache_dir=None)

@@ -707,6 +707,11 @@ class BlobCache:
                 self.pins[path] = expires + 1
             target = f"/blobs/{quote(relpath)}?e={expires}&s={self.signer.sign(relpath, expires)}"
             mode = ctx.options.registry_cache_serve
+            if mode == "public" and not _through_balancer(flow):
+                # A client that reached this replica directly (no registry_public_url,
+                # no balancer's forwarded headers): /blobs/ on this address is the proxy
+                # itself, which does not serve it; the blob server's own port does.
+                mode = "auto"
             public = _public_origin(flow)
             host = f"[{public.host}]" if ":" in public.host else public.host
             scheme = "http"
@@ -1111,6 +1116,15 @@ def _public_origin(flow: http.HTTPFlow) -> api.Origin:
     """Where clients reach this proxy, as the core derives it for the token realm."""
     found = core()
     return found.public_origin(flow) if found is not None else client_origin(flow)
+
+
+def _through_balancer(flow: http.HTTPFlow) -> bool:
+    """Whether clients reach the proxy at an address other than the one this flow
+    connected to: registry_public_url, or a trusted balancer's forwarded headers."""
+    found = core()
+    return bool(
+        (found is not None and found.public is not None) or flow.metadata.get("registry_public")
+    )
 
 
 def _rules_of(flow: http.HTTPFlow) -> object | None:
