@@ -352,17 +352,7 @@ class Bench:
                 names[6]: (f"{through.url}{path}", [*ca, *auth]),
             }
             for name, (url, headers) in urls.items():
-                out = subprocess.run(
-                    ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{speed_download}"]
-                    + headers
-                    + [url],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                    check=True,
-                ).stdout.split()
-                assert out[0] == "200", (name, out)
-                speeds[name].append(float(out[1]) / 1e6)
+                speeds[name].append(_curl_speed(name, [*headers, url]))
         return speeds
 
     def behind_balancer(self, reps: int, speeds: dict[str, list[float]]) -> None:
@@ -413,18 +403,21 @@ class Bench:
         for _ in range(reps):
             for name, ha in balancers.items():
                 auth = ["-H", f"Authorization: Bearer {tokens[name]}"]
-                out = subprocess.run(
-                    ["curl", "-sS", "-L", "-o", "/dev/null", "-w", "%{http_code} %{speed_download}"]
-                    + ca
-                    + auth
-                    + [f"{ha.url}{path}"],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                    check=True,
-                ).stdout.split()
-                assert out[0] == "200", (name, out)
-                speeds[f"https: HAProxy, {name}"].append(float(out[1]) / 1e6)
+                speed = _curl_speed(name, ["-L", *ca, *auth, f"{ha.url}{path}"])
+                speeds[f"https: HAProxy, {name}"].append(speed)
+
+
+def _curl_speed(name: str, args: list[str]) -> float:
+    """MB/s of one download with curl (which must answer 200)."""
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{speed_download}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    assert out[0] == "200", (name, out)
+    return float(out[1]) / 1e6
 
 
 def _now() -> str:
