@@ -167,15 +167,27 @@ class _Handler(BaseHTTPRequestHandler):
         body = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
         if status == 403:
             body = b'{"errors":[{"code":"DENIED","message":"link expired or invalid"}]}'
+        elif status == 400:
+            body = b'{"errors":[{"code":"UNSUPPORTED","message":"request body not allowed"}]}'
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if status == 400:
+            self.send_header("Connection", "close")  # (sets close_connection too)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
     def _serve(self, body: bool) -> None:
         owner = self.server.owner
+        if "Transfer-Encoding" in self.headers or any(
+            v.strip() != "0" for v in self.headers.get_all("Content-Length", ())
+        ):
+            # A GET or HEAD has no body, and this server reads none: left unread, it was
+            # parsed as the next request on the connection, which a balancer reuses for
+            # other clients (one client's body chose another's answer). Refused, closed.
+            self._error(400)
+            return
         parts = urlsplit(self.path)
         if not parts.path.startswith("/blobs/"):
             self._error(404)

@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import threading
 import time
 
@@ -708,3 +709,34 @@ def test_a_cached_file_that_cannot_be_read_goes_upstream(cache_on, monkeypatch):
         assert cache.inline_held == 0
 
     asyncio.run(run())
+
+
+def test_blob_server_refuses_a_request_body_and_closes(tmp_path):
+    """A GET or HEAD has no body: one left unread was parsed as the next request on the
+    connection, which a balancer (deploy/haproxy.cfg's blobs backend) reuses for other
+    clients, so a client's body made another client's request get the answer it chose
+    (found by attack6 through real HAProxy). Refused, and the connection closed."""
+    store = Store(str(tmp_path))
+    assert write(store, [DATA], len(DATA)) == "stored"
+    signer = Signer(b"k" * 32)
+    server = BlobServer(store, signer, "127.0.0.1", 0).start()
+    try:
+        rel = store.relpath("up", DIGEST)
+        exp = int(time.time()) + 60
+        ok = f"/blobs/{rel}?e={exp}&s={signer.sign(rel, exp)}"
+        smuggled = f"HEAD {ok} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        for framing in (f"Content-Length: {len(smuggled)}", "Transfer-Encoding: chunked"):
+            body = smuggled
+            if "chunked" in framing:
+                body = f"{len(smuggled):x}\r\n".encode() + smuggled + b"\r\n0\r\n\r\n"
+            head = f"GET {ok} HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n".encode()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                s.sendall(head + body)
+                received = b""
+                while chunk := s.recv(1 << 20):  # (ends: the server closed it)
+                    received += chunk
+            assert received.startswith(b"HTTP/1.1 400 "), received[:200]
+            assert received.count(b"HTTP/1.1 ") == 1, received[:200]  # nothing smuggled
+            assert DATA not in received
+    finally:
+        server.stop()
