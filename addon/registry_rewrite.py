@@ -312,6 +312,12 @@ class RegistryRewrite:
             self._keep_for_replay(flow, "authorization", authorization)
             self.live_target = (req.scheme, req.host, req.port)  # the reverse-mode target
         _drop_client_authority(req)
+        if req.path.startswith("/blobs/"):
+            # A blob cache hit's signed URL (registry_cache_serve=public) that the balancer
+            # sent here, not to the blob servers: the cache relays it, never upstream.
+            cache = ctx.master.addons.get("blobcache")
+            if cache is not None and cache.relay_signed(flow):
+                return
         # In reverse mode the request already targets the default upstream.
         default = Origin(req.scheme, req.host, req.port)
         endpoint, decision = decide.decide_request(

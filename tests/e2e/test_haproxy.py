@@ -108,7 +108,14 @@ def cache_cluster(request, ca, registry, proxy, tmp_path):
     yield from _cluster(request, ca, proxy, tmp_path, cache=True)
 
 
-def _cluster(request, ca, proxy, tmp_path, cache: bool):
+@pytest.fixture
+def unrouted_cache_cluster(request, ca, registry, proxy, tmp_path):
+    """As cache_cluster, but HAProxy is run without RR_BLOBS1-3: it does not route
+    /blobs/, which reaches the replicas themselves."""
+    yield from _cluster(request, ca, proxy, tmp_path, cache=True, route_blobs=False)
+
+
+def _cluster(request, ca, proxy, tmp_path, cache: bool, route_blobs: bool = True):
     require_tool("haproxy")
     rules = ConfigMapDir(tmp_path / "rules", {"rules.yaml": RULES})
     replicas, blobs = [], []
@@ -125,7 +132,7 @@ def _cluster(request, ca, proxy, tmp_path, cache: bool):
                 f"registry_cache_port={blobs[-1].rpartition(':')[2]}",
             ]
         replicas.append(proxy(rules_file=rules.path("rules.yaml"), extra_args=extra))
-    ha = HAProxy(ca, [r.host for r in replicas], blobs).start()
+    ha = HAProxy(ca, [r.host for r in replicas], blobs if route_blobs else []).start()
     try:
         ha.wait_states({f"replica{i}": "UP" for i in range(1, REPLICAS + 1)})
         yield Cluster(ha, replicas, rules)
@@ -268,6 +275,40 @@ def test_cache_hits_leave_haproxy_from_the_blob_servers(
         "warm pull, layers per blob server",
         dict(Counter(e.server for e in served if e.status == 200)),
     )
+
+
+def test_cache_hits_whose_blobs_path_is_not_routed_are_relayed_by_the_replicas(
+    unrouted_cache_cluster, registry, skopeo, make_image, unique, tmp_path
+):
+    """Replicas run with registry_cache_serve=public behind a balancer that does not route
+    /blobs/ (deploy/haproxy.cfg without RR_BLOBS1): the hits' signed URLs reach the
+    replicas, which refused them (`unmatched: deny`: every warm pull failed). Now a
+    replica relays a URL of the shared cache from its own blob server (found by attack6):
+    the pull succeeds, and nothing of it goes to the upstream."""
+    ha = unrouted_cache_cluster.haproxy
+    repo = f"team/hau-{unique}/app"
+    image = make_image(layers=3, layer_size=200_000)  # (over 64 KiB: redirected)
+    dest = f"docker://{ha.host}/{repo}"
+    skopeo.copy(image.ref, f"{dest}:1", dest_creds=ALICE, tls_verify=True)
+    skopeo.copy(f"{dest}:1", f"oci:{tmp_path / 'cold'}:x", src_creds=ALICE, tls_verify=True)
+    layers = {layer.digest.partition(":")[2] for layer in image.layers}
+    cached = tmp_path / "cache"
+    deadline = time.monotonic() + 30
+    while {p.name for p in cached.glob("*/sha256/*")} < layers:  # (renamed into place)
+        assert time.monotonic() < deadline, sorted(p.name for p in cached.glob("*/*/*"))
+        time.sleep(0.1)
+
+    ha.mark()
+    registry.mark()
+    out = tmp_path / "warm"
+    skopeo.copy(f"{dest}:1", f"oci:{out}:x", src_creds=ALICE, tls_verify=True)
+    assert (out / "index.json").read_text().count(image.digest) == 1
+    to_replicas = ha.entries(since_mark=True)
+    relayed = [e for e in to_replicas if e.path.startswith("/blobs/")]
+    assert {e.path.rpartition("/")[2] for e in relayed if e.status == 200} == layers, relayed
+    assert not ha.entries(since_mark=True, backend="blobs")
+    fetched = [uri for method, uri in registry.requests(since_mark=True) if method == "GET"]
+    assert not [uri for uri in fetched if "/blobs/" in uri], fetched  # (HEADs only)
 
 
 @pytest.mark.slow

@@ -992,3 +992,56 @@ def test_public_mode_redirects_to_the_proxys_public_address(tmp_path, monkeypatc
             assert location.startswith(f"http://127.0.0.1:{cache.server.port}/blobs/"), location
         finally:
             tctx.configure(cache, registry_cache_dir=None)
+
+
+@pytest.mark.parametrize("unmatched", ["deny", "pass"])
+def test_a_signed_blob_url_reaching_the_proxy_is_relayed_not_refused_or_sent_upstream(
+    tmp_path, monkeypatch, unmatched
+):
+    """serve=public sends hits to /blobs/ on the public address; a balancer that does not
+    route that path (deploy/haproxy.cfg without RR_BLOBS1, an ingress without the path)
+    brings it to the proxy itself. Refused there (deny), every warm pull failed; under
+    `unmatched: pass` the signed URL went upstream with the client's Authorization (and
+    failed too). A URL this cache signed is relayed from the local blob server instead
+    (found by attack6); anything else under /blobs/ is the core's as before."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("rules:", f"unmatched: {unmatched}\nrules:"))
+    core, cache = registry_rewrite.RegistryRewrite(), BlobCache()
+    with taddons.context(core, cache) as tctx:
+        tctx.configure(core, registry_rules=str(rules))
+        tctx.configure(
+            cache,
+            registry_cache_dir=str(tmp_path / "cache"),
+            listen_host="127.0.0.1",
+            registry_cache_serve="public",
+        )
+        try:
+            digest = put(cache.store, b"x" * (cache_addon.INLINE_BLOB + 1))
+            relpath = cache.store.relpath("up", digest)
+            expires = int(time.time()) + 60
+            signed = f"/blobs/{relpath}?e={expires}&s={cache.signer.sign(relpath, expires)}"
+            f = flow(signed, headers=[("Authorization", "Bearer secret")])
+
+            async def run(f):
+                cache.loop = asyncio.get_running_loop()
+                core.requestheaders(f)
+                await cache.requestheaders(f)
+
+            asyncio.run(run(f))
+            req = f.request
+            assert f.response is None, f.response and f.response.content
+            assert (req.scheme, req.host, req.port) == ("http", "127.0.0.1", cache.server.port)
+            assert req.path == signed
+            assert "Bearer secret" not in str(req.headers)
+            f.response = Response.make(200, b"", {"Content-Length": str(1 << 30)})
+            core.responseheaders(f)
+            cache.responseheaders(f)
+            assert f.response.stream  # (a blob: never held in memory)
+
+            forged = flow(signed[:-1] + "0", headers=[("Authorization", "Bearer secret")])
+            asyncio.run(run(forged))
+            assert forged.request.host == "upstream.test"  # (the core's, as before)
+            if unmatched == "deny":
+                assert forged.response.status_code == 404
+        finally:
+            tctx.configure(cache, registry_cache_dir=None)

@@ -752,6 +752,35 @@ class BlobCache:
         _comment(flow, "cache hit" + (" (after single-flight wait)" if waited else ""))
         return True
 
+    def relay_signed(self, flow: http.HTTPFlow) -> bool:
+        """A URL this cache signed (serve=public) that reached the proxy itself: the
+        balancer in front does not route /blobs/ to the blob servers (deploy/haproxy.cfg
+        without RR_BLOBS1, an ingress without that path). Refused there, the hit failed
+        the pull; under `unmatched: pass` it went upstream with the client's credentials.
+        Relayed from the local blob server instead (as serve=through): True when taken.
+        Called by the core before it decides; anything not signed is left to it."""
+        req = flow.request
+        server, signer = self.server, self.signer
+        if server is None or signer is None or req.method not in ("GET", "HEAD"):
+            return False
+        if "Transfer-Encoding" in req.headers or req.headers.get("Content-Length", "0") != "0":
+            return False  # (no request body to hold or pass on: the core's to refuse)
+        path, query = api.split_target(req.path)
+        expires = api.query_value(query, "e") or ""
+        signature = api.query_value(query, "s") or ""
+        if not signer.check(path[len("/blobs/") :], expires, signature, time.time()):
+            return False
+        meta = flow.metadata
+        meta["registry_endpoint"] = "blobs"
+        meta["registry_decision"] = "answered"
+        meta["registry_answered"] = True  # (the core's response hooks leave it alone)
+        meta["registry_cache"] = "relayed"
+        _redact(flow)
+        req.headers.pop("Authorization", None)  # not needed by our own server
+        req.scheme, req.host, req.port = "http", server.local_host, server.port
+        _comment(flow, "cache hit's signed URL reached the proxy: relayed")
+        return True
+
     def _hold(self, flow: http.HTTPFlow, size: int) -> bool:
         """Count an answer read from disk until its flow's response hook (or error):
         False, counting nothing, when INLINE_BUDGET would be passed."""
@@ -818,6 +847,9 @@ class BlobCache:
     # --- responses (misses) -------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("registry_cache") == "relayed" and flow.response is not None:
+            flow.response.stream = True  # (a blob: never held in memory)
+            return
         pending = self.pending.get(flow.id)
         if pending is None or pending.flight is None:
             return
