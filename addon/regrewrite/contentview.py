@@ -69,6 +69,8 @@ CACHE_STATES = {
     "wait": "hit after a single-flight wait (another client's download of it finished)",
     "challenge": "answered as the upstream answered the same request without credentials "
     "in the last seconds",
+    "relayed": "a hit's signed /blobs/ URL that reached the proxy (the balancer does not "
+    "route /blobs/), relayed from the local blob server",
 }
 
 
