@@ -104,22 +104,24 @@ class HAProxy(_Service):
             raise
         return self
 
-    def stats(self) -> dict[str, dict[str, str]]:
-        """The stats CSV rows of backend `replicas`, by server name (and BACKEND)."""
+    def stats(self, backend: str = "replicas") -> dict[str, dict[str, str]]:
+        """The stats CSV rows of `backend`, by server name (and BACKEND)."""
         url = f"http://{LOOPBACK}:{self.stats_port}/stats;csv"
         with urllib.request.urlopen(url, timeout=10) as r:
             text = r.read().decode().lstrip("# ")
         return {
             row["svname"]: row
             for row in csv.DictReader(io.StringIO(text))
-            if row["pxname"] == "replicas"
+            if row["pxname"] == backend
         }
 
-    def wait_states(self, want: dict[str, str], timeout: float = 30.0) -> dict:
+    def wait_states(
+        self, want: dict[str, str], timeout: float = 30.0, backend: str = "replicas"
+    ) -> dict:
         """Wait until each named server's status starts with the wanted one (UP, DOWN)."""
         deadline = time.monotonic() + timeout
         while True:
-            stats = self.stats()
+            stats = self.stats(backend)
             states = {name: stats[name]["status"] for name in want}
             if all(states[n].startswith(s) for n, s in want.items()):
                 return stats
