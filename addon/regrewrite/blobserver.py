@@ -18,6 +18,7 @@ import re
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -147,6 +148,13 @@ class _Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.owner.slots.release()
+
+    def handle_error(self, request, client_address):
+        # socketserver prints a traceback to stderr: a client (or a balancer's health
+        # check, which resets once it has the status line) that went away is expected.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        logger.exception(f"registry cache: blob server error (client {client_address[0]})")
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -740,3 +741,21 @@ def test_blob_server_refuses_a_request_body_and_closes(tmp_path):
             assert DATA not in received
     finally:
         server.stop()
+
+
+def test_blob_server_is_quiet_about_a_client_that_went_away(tmp_path, capfd):
+    """A balancer's health check (deploy/haproxy.cfg checks the blob servers) resets its
+    connection once it has the status line, and clients abort downloads: socketserver
+    printed a traceback to stderr for each (found by attack6). Expected, not an error."""
+    server = BlobServer(Store(str(tmp_path)), Signer(b"k" * 32), "127.0.0.1", 0).start()
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(b"GET /blobs/ HTTP/1.1\r\nHost: x\r\n")  # (headers not ended)
+            time.sleep(0.05)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+        time.sleep(0.3)
+    finally:
+        server.stop()
+    assert "Traceback" not in capfd.readouterr().err
