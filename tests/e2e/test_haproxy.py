@@ -242,17 +242,10 @@ def test_skopeo_and_ctr_pull_and_push_through_haproxy(
     _print_figures("ctr pull + push, requests per replica", ctr_counts)
 
 
-def test_cache_hits_leave_haproxy_from_the_blob_servers(
-    cache_cluster, registry, skopeo, make_image, unique, tmp_path
-):
-    """Behind a TLS-terminating balancer the blob servers have no certificate clients
-    trust, so hits were relayed by the proxy (a few hundred MB/s). With
-    registry_cache_serve=public a hit is a 307 to /blobs/ on HAProxy's own address and
-    HAProxy sends it to a blob server: a warm pull's layers all come from the blob
-    servers, whichever replica signed the URL (one shared directory and key)."""
-    ha = cache_cluster.haproxy
-    repo, up_repo = f"team/hac-{unique}/app", f"acme_team/hac-{unique}/app"
-    image = make_image(layers=4, layer_size=200_000)  # (over 64 KiB: redirected)
+def _warm_pull(ha, registry, skopeo, image, repo: str, tmp_path) -> set[str]:
+    """Push `image` (layers over 64 KiB: redirected, not inlined) through `ha`, pull it
+    once to fill the cache at tmp_path/cache, mark both logs, pull it again (checked).
+    Returns the hex digests of its layers."""
     dest = f"docker://{ha.host}/{repo}"
     skopeo.copy(image.ref, f"{dest}:1", dest_creds=ALICE, tls_verify=True)
     skopeo.copy(f"{dest}:1", f"oci:{tmp_path / 'cold'}:x", src_creds=ALICE, tls_verify=True)
@@ -262,12 +255,26 @@ def test_cache_hits_leave_haproxy_from_the_blob_servers(
     while {p.name for p in cached.glob("*/sha256/*")} < layers:  # (renamed into place)
         assert time.monotonic() < deadline, sorted(p.name for p in cached.glob("*/*/*"))
         time.sleep(0.1)
-
     ha.mark()
     registry.mark()
     out = tmp_path / "warm"
     skopeo.copy(f"{dest}:1", f"oci:{out}:x", src_creds=ALICE, tls_verify=True)
     assert (out / "index.json").read_text().count(image.digest) == 1
+    return layers
+
+
+def test_cache_hits_leave_haproxy_from_the_blob_servers(
+    cache_cluster, registry, skopeo, make_image, unique, tmp_path
+):
+    """Behind a TLS-terminating balancer the blob servers have no certificate clients
+    trust, so hits were relayed by the proxy (a few hundred MB/s). With
+    registry_cache_serve=public a hit is a 307 to /blobs/ on HAProxy's own address and
+    HAProxy sends it to a blob server: a warm pull's layers all come from the blob
+    servers, whichever replica signed the URL (one shared directory and key)."""
+    ha = cache_cluster.haproxy
+    up_repo = f"acme_team/hac-{unique}/app"
+    image = make_image(layers=4, layer_size=200_000)
+    layers = _warm_pull(ha, registry, skopeo, image, f"team/hac-{unique}/app", tmp_path)
     served = ha.entries(since_mark=True, backend="blobs")
     assert {e.path.rpartition("/")[2] for e in served if e.status == 200} == layers, served
     assert all(e.path.startswith("/blobs/") for e in served), served
@@ -292,23 +299,8 @@ def test_cache_hits_whose_blobs_path_is_not_routed_are_relayed_by_the_replicas(
     replica relays a URL of the shared cache from its own blob server (found by attack6):
     the pull succeeds, and nothing of it goes to the upstream."""
     ha = unrouted_cache_cluster.haproxy
-    repo = f"team/hau-{unique}/app"
-    image = make_image(layers=3, layer_size=200_000)  # (over 64 KiB: redirected)
-    dest = f"docker://{ha.host}/{repo}"
-    skopeo.copy(image.ref, f"{dest}:1", dest_creds=ALICE, tls_verify=True)
-    skopeo.copy(f"{dest}:1", f"oci:{tmp_path / 'cold'}:x", src_creds=ALICE, tls_verify=True)
-    layers = {layer.digest.partition(":")[2] for layer in image.layers}
-    cached = tmp_path / "cache"
-    deadline = time.monotonic() + 30
-    while {p.name for p in cached.glob("*/sha256/*")} < layers:  # (renamed into place)
-        assert time.monotonic() < deadline, sorted(p.name for p in cached.glob("*/*/*"))
-        time.sleep(0.1)
-
-    ha.mark()
-    registry.mark()
-    out = tmp_path / "warm"
-    skopeo.copy(f"{dest}:1", f"oci:{out}:x", src_creds=ALICE, tls_verify=True)
-    assert (out / "index.json").read_text().count(image.digest) == 1
+    image = make_image(layers=3, layer_size=200_000)
+    layers = _warm_pull(ha, registry, skopeo, image, f"team/hau-{unique}/app", tmp_path)
     to_replicas = ha.entries(since_mark=True)
     relayed = [e for e in to_replicas if e.path.startswith("/blobs/")]
     assert {e.path.rpartition("/")[2] for e in relayed if e.status == 200} == layers, relayed
@@ -327,20 +319,8 @@ def test_blob_servers_left_unset_get_no_hits(
     to blobs1 at the first try."""
     ha = one_blobs_cache_cluster.haproxy
     ha.wait_states({"blobs1": "UP", "blobs2": "DOWN", "blobs3": "DOWN"}, backend="blobs")
-    repo = f"team/ha1-{unique}/app"
-    image = make_image(layers=4, layer_size=200_000)  # (over 64 KiB: redirected)
-    dest = f"docker://{ha.host}/{repo}"
-    skopeo.copy(image.ref, f"{dest}:1", dest_creds=ALICE, tls_verify=True)
-    skopeo.copy(f"{dest}:1", f"oci:{tmp_path / 'cold'}:x", src_creds=ALICE, tls_verify=True)
-    layers = {layer.digest.partition(":")[2] for layer in image.layers}
-    cached = tmp_path / "cache"
-    deadline = time.monotonic() + 30
-    while {p.name for p in cached.glob("*/sha256/*")} < layers:  # (renamed into place)
-        assert time.monotonic() < deadline, sorted(p.name for p in cached.glob("*/*/*"))
-        time.sleep(0.1)
-
-    ha.mark()
-    skopeo.copy(f"{dest}:1", f"oci:{tmp_path / 'warm'}:x", src_creds=ALICE, tls_verify=True)
+    image = make_image(layers=4, layer_size=200_000)
+    layers = _warm_pull(ha, registry, skopeo, image, f"team/ha1-{unique}/app", tmp_path)
     served = ha.entries(since_mark=True, backend="blobs")
     assert {e.path.rpartition("/")[2] for e in served if e.status == 200} == layers, served
     assert [(e.server, e.retries) for e in served] == [("blobs1", 0)] * len(served), served

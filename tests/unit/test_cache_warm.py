@@ -256,6 +256,13 @@ def test_a_fault_in_a_warm_answer_leaves_the_flow_whole(both, monkeypatch, fault
     assert not errors
 
 
+def _by_digest(digest, kind="blobs"):
+    """A mapped request by digest with a token, as the core leaves it for the cache."""
+    f = flow(f"/v2/acme_team/x/{kind}/{digest}", headers=[("Authorization", "Bearer t")])
+    f.metadata["registry_decision"] = "mapped"
+    return f
+
+
 def _serve_by_digest(cache, digest, auth="Bearer t"):
     f = flow(f"/v2/acme_team/x/manifests/{digest}", headers=[("Authorization", auth)])
     f.metadata["registry_decision"] = "mapped"
@@ -694,19 +701,14 @@ def test_hashes_after_a_restart_leave_the_caches_disk_looks_free(both, monkeypat
     monkeypatch.setattr(cache.store, "verify", slow_verify)
     monkeypatch.setattr("regrewrite.realm.fetch", lambda *a: realm.Reply(200, (), b""))
 
-    def blob_flow(digest):
-        f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
-        f.metadata["registry_decision"] = "mapped"
-        return f
-
     async def run():
         cache.loop = asyncio.get_running_loop()
-        hits = [asyncio.ensure_future(cache.requestheaders(blob_flow(d))) for d in blobs]
+        hits = [asyncio.ensure_future(cache.requestheaders(_by_digest(d))) for d in blobs]
         for _ in blobs:
             assert await asyncio.to_thread(verifying.acquire, True, 10)
         try:
             absent = Digest("sha256", "f" * 64)
-            miss = blob_flow(absent)
+            miss = _by_digest(absent)
             await asyncio.wait_for(cache.requestheaders(miss), 10)
             assert miss.response is None and miss.id in cache.pending
         finally:
@@ -745,20 +747,15 @@ def test_a_hit_looks_at_the_disk_once_and_does_not_wait_for_its_touch(both, monk
     monkeypatch.setattr(cache, "_on_disk", counting)
     monkeypatch.setattr(cache.store, "touch", stuck_touch)
 
-    def blob_flow():
-        f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
-        f.metadata["registry_decision"] = "mapped"
-        return f
-
     async def run():
         cache.loop = asyncio.get_running_loop()
-        first = blob_flow()
+        first = _by_digest(digest)
         await asyncio.wait_for(cache.requestheaders(first), 5)  # answered, touch stuck
         assert first.response is not None and first.response.status_code == 307
         assert await asyncio.to_thread(touching.wait, 5)
         assert looks == ["_ident", "stuck_touch"]
         looks.clear()
-        second = blob_flow()
+        second = _by_digest(digest)
         await asyncio.wait_for(cache.requestheaders(second), 5)
         assert second.response is not None and second.response.status_code == 307
         assert looks == ["_ident", "stuck_touch"]
@@ -804,8 +801,7 @@ def test_a_hit_whose_cache_directory_is_reloaded_meanwhile_serves_only_the_new_o
 
     async def run():
         cache.loop = asyncio.get_running_loop()
-        f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
-        f.metadata["registry_decision"] = "mapped"
+        f = _by_digest(digest)
         hit = asyncio.ensure_future(cache.requestheaders(f))
         assert await asyncio.to_thread(asked.wait, 5)
         cache_addon.ctx.options.update(registry_cache_dir=str(other))
@@ -839,8 +835,7 @@ def test_a_checked_file_replaced_while_the_upstream_is_asked_is_not_served_unche
 
     async def run():
         cache.loop = asyncio.get_running_loop()
-        f = flow(f"/v2/acme_team/x/{kind}/{digest}", headers=[("Authorization", "Bearer t")])
-        f.metadata["registry_decision"] = "mapped"
+        f = _by_digest(digest, kind)
         hit = asyncio.ensure_future(cache.requestheaders(f))
         assert await asyncio.to_thread(asked.wait, 5)
         with open(path + ".new", "wb") as new:  # same size, other bytes, other inode
@@ -869,15 +864,10 @@ def test_a_blob_served_again_within_the_second_is_not_evicted_before_one_served_
     again, between = put(cache.store, b"a" * 100), put(cache.store, b"b" * 100)
     cache.cap = 200  # (two blobs of three)
 
-    def blob_flow(digest):
-        f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
-        f.metadata["registry_decision"] = "mapped"
-        return f
-
     async def serve(digest):
         path = cache.store.path("up", digest)
         before = os.stat(path).st_mtime_ns
-        f = blob_flow(digest)
+        f = _by_digest(digest)
         await cache.requestheaders(f)
         assert f.response.status_code == 200
         for _ in range(100):  # (the touch is not awaited)
@@ -963,8 +953,7 @@ def test_public_mode_redirects_to_the_proxys_public_address(tmp_path, monkeypatc
         )
         try:
             digest = put(cache.store, b"x" * (cache_addon.INLINE_BLOB + 1))
-            f = flow(f"/v2/acme_team/x/blobs/{digest}", headers=[("Authorization", "Bearer t")])
-            f.metadata["registry_decision"] = "mapped"
+            f = _by_digest(digest)
 
             async def run():
                 cache.loop = asyncio.get_running_loop()
