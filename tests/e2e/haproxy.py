@@ -29,8 +29,9 @@ from tests.e2e.upstream import (
 
 HAPROXY_CFG = REPO_ROOT / "deploy" / "haproxy.cfg"
 _SYNC = "e2e-log-sync"
-# HAProxy `option httplog` line (log-format %ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta
-# %ST %B %CC %CS %tsc %ac/%fc/%bc/%sc/%rc %sq/%bq %hr %hs %{+Q}r).
+# deploy/haproxy.cfg's log line: `option httplog`'s with the path for the request target
+# (log-format %ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta %ST %B %CC %CS %tsc
+# %ac/%fc/%bc/%sc/%rc %sq/%bq %hr %hs "%HM %HP %HV").
 _LOG_LINE = re.compile(
     r"^\S+ \[[^\]]+\] \S+ (?P<backend>[^/\s]+)/(?P<server>\S+) \S+ (?P<status>-?\d+) "
     r"\S+ \S+ \S+ \S+ \S+/\S+/\S+/\S+/\+?(?P<retries>\d+) .*\"(?P<method>\S+) "
@@ -136,7 +137,7 @@ class HAProxy(_Service):
         answer: a marker request sent after those, once logged, shows they are too.
         """
         marker = uuid.uuid4().hex
-        url = f"{self.url}/livez?{_SYNC}={marker}"
+        url = f"{self.url}/livez/{_SYNC}-{marker}"  # (the log shows paths, no query)
         try:
             with urllib.request.urlopen(url, timeout=timeout, context=self.ca.client_context()):
                 pass
