@@ -275,7 +275,10 @@ def test_every_option_the_deployment_and_image_set_exists():
         pairs = zip(args, args[1:], strict=False)
         names |= {arg.split("=", 1)[0] for flag, arg in pairs if flag == "--set"}
     assert {"registry_rules", "registry_trusted_proxies", "confdir"} <= names
-    fresh = [type(a)() for a in registry_rewrite.addons]
+    from mitmproxy.addons.dumper import Dumper
+
+    # (Dumper: mitmdump's own addon, whose flow_detail the Deployment sets)
+    fresh = [type(a)() for a in registry_rewrite.addons] + [Dumper()]
     with taddons.context(*fresh, options=Options()) as tctx:
         known = set(tctx.options.keys())
     assert names <= known, sorted(names - known)
