@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -216,14 +216,15 @@ class Store:
         return removed, total
 
 
-def _listing(path: str) -> list[os.DirEntry]:
-    """A directory's entries; none if it went away meanwhile (another replica, a volume
-    cleaned up by hand): one scan must not stop at it."""
+def _listing(path: str) -> Iterator[os.DirEntry]:
+    """A directory's entries, one at a time; none if it went away meanwhile (another
+    replica, a volume cleaned up by hand): one scan must not stop at it."""
     try:
-        with os.scandir(path) as it:
-            return list(it)
+        it = os.scandir(path)
     except OSError:
-        return []
+        return
+    with it:
+        yield from it
 
 
 def _unlink(path: str) -> bool:
