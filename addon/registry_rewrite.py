@@ -505,9 +505,14 @@ class RegistryRewrite:
         _answer(flow, http.Response.make(401, body, headers), "auth: 401 challenge")
 
     def public_origin(self, flow: http.HTTPFlow) -> Origin:
-        """Where this flow's client reaches the proxy: registry_public_url, else what a
-        trusted balancer said (TrustedProxies), else the client connection."""
-        return self.public or flow.metadata.get("registry_public") or client_origin(flow)
+        """Where this flow's client reaches the proxy: the advertised origin, else the
+        client connection."""
+        return self.advertised_origin(flow) or client_origin(flow)
+
+    def advertised_origin(self, flow: http.HTTPFlow) -> Origin | None:
+        """registry_public_url, else what a trusted balancer said (TrustedProxies); None
+        when the client connected to this proxy directly, as far as it can tell."""
+        return self.public or flow.metadata.get("registry_public")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

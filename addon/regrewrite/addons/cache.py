@@ -1154,9 +1154,7 @@ def _through_balancer(flow: http.HTTPFlow) -> bool:
     """Whether clients reach the proxy at an address other than the one this flow
     connected to: registry_public_url, or a trusted balancer's forwarded headers."""
     found = core()
-    return bool(
-        (found is not None and found.public is not None) or flow.metadata.get("registry_public")
-    )
+    return found is not None and found.advertised_origin(flow) is not None
 
 
 def _rules_of(flow: http.HTTPFlow) -> object | None:
