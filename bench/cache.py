@@ -72,6 +72,7 @@ RESULTS = REPO_ROOT / "bench" / "results" / "cache.md"
 UPSTREAM_REPO = "acme_team/bench/app"
 CLIENT_REPO = "team/bench/app"
 MiB = 1 << 20
+PUBLIC = "blob server via HAProxy (serve=public)"  # production's shape, in the targets
 
 
 class PullThroughRegistry(Registry):
@@ -359,8 +360,10 @@ class Bench:
         """Production's shape: HAProxy (deploy/haproxy.cfg) ends TLS in front of the
         proxy, so the blob server has no certificate clients trust. Hits relayed by the
         proxy (serve=auto) against 307s to /blobs/ that HAProxy routes to the blob
-        server (serve=public, RR_BLOBS): skopeo warm pulls taking turns, and the hit
-        blob fetched with curl -L through each (added to `speeds`)."""
+        server (serve=public, RR_BLOBS), and distribution's cache behind the same
+        configuration (plain HTTP behind it, as the proxy is): skopeo warm pulls taking
+        turns, and the hit blob fetched with curl -L through each of ours (added to
+        `speeds`)."""
         from tests.e2e.haproxy import HAProxy
 
         cache = self.fresh("cache")
@@ -370,23 +373,36 @@ class Bench:
         public = self.proxy(
             cache, *trusted, "--set", "registry_cache_serve=public", cache_port=blob_port
         )
-        balancers = {
+        ours = {
             "relayed by the proxy (serve=auto)": HAProxy(self.ca, [relayed.host] * 3),
-            "blob server via HAProxy (serve=public)": HAProxy(
-                self.ca, [public.host] * 3, [f"{LOOPBACK}:{blob_port}"] * 3
-            ),
+            PUBLIC: HAProxy(self.ca, [public.host] * 3, [f"{LOOPBACK}:{blob_port}"] * 3),
         }
-        for ha in balancers.values():
+        # name: (balancer, repository, credentials)
+        balancers = {name: (ha, CLIENT_REPO, ALICE) for name, ha in ours.items()}
+        if not self.args.no_distribution:
+            health = ("/v2/", "rstatus ^(200|401)$")  # 401 where its clients log in
+            for name, tokens, creds in (
+                ("distribution", None, None),
+                ("distribution+login", self.tokens, ALICE),
+            ):
+                d = self.pull_through(tls=False, tokens=tokens)
+                ha = HAProxy(self.ca, [d.host] * 3, health=health)
+                balancers[name] = (ha, UPSTREAM_REPO, creds)
+        for ha, *_ in balancers.values():
             ha.start()
             self.stack.callback(ha.cleanup)
-        first = next(iter(balancers.values()))
-        self.pull("skopeo", "behind HAProxy, cold", first.host, CLIENT_REPO, True, ALICE)
+        first = next(iter(ours))
+        for name, (ha, repo, creds) in balancers.items():
+            if name in ours and name != first:
+                continue  # ours share one cache: one cold pull fills it
+            variant = "behind HAProxy, cold" if name in ours else f"{name} behind HAProxy, cold"
+            self.pull("skopeo", variant, ha.host, repo, True, creds)
         time.sleep(0.5)  # the last blob's rename
         runs: dict[str, list[float]] = {name: [] for name in balancers}
         moved = dict.fromkeys(balancers, 0)
         for _ in range(self.args.warm_reps):
-            for name, ha in balancers.items():
-                seconds, link_bytes = self.timed("skopeo", ha.host, CLIENT_REPO, True, ALICE)
+            for name, (ha, repo, creds) in balancers.items():
+                seconds, link_bytes = self.timed("skopeo", ha.host, repo, True, creds)
                 runs[name].append(seconds)
                 moved[name] += link_bytes
         for name in balancers:
@@ -394,14 +410,14 @@ class Bench:
         path, scopes = self.big
         ca = ["--cacert", str(self.ca.ca_pem)]
         tokens = {}
-        for name, ha in balancers.items():
+        for name, ha in ours.items():
             client = RegistryHTTP(ha.url, ALICE, self.ca.client_context(), timeout=300)
             assert client.request("GET", path, scopes=scopes).status in (200, 307)
             tokens[name] = client._tokens[tuple(scopes)]
             speeds[f"https: HAProxy, {name}"] = []
         time.sleep(0.5)
         for _ in range(reps):
-            for name, ha in balancers.items():
+            for name, ha in ours.items():
                 auth = ["-H", f"Authorization: Bearer {tokens[name]}"]
                 speed = _curl_speed(name, ["-L", *ca, *auth, f"{ha.url}{path}"])
                 speeds[f"https: HAProxy, {name}"].append(speed)
@@ -507,6 +523,19 @@ def targets(bench: Bench, speeds: dict[str, list[float]]) -> list[str]:
                     f"{warm:.2f} vs {theirs:.2f} s (medians; {rounds}) | "
                     f"{'yes' if warm <= theirs else 'no'} |"
                 )
+    served = runs.get(("skopeo", f"warm behind HAProxy, {PUBLIC}"))
+    for variant, note in (
+        ("distribution", "its clients without login"),
+        ("distribution+login", "its clients log in too"),
+    ):
+        theirs = runs.get(("skopeo", f"warm behind HAProxy, {variant}"))
+        if served and theirs:
+            a, b = statistics.median(served), statistics.median(theirs)
+            lines.append(
+                f"| skopeo behind the same HAProxy: warm ≤ distribution's warm ({note}) | "
+                f"{a:.2f} vs {b:.2f} s (medians; {paired(served, theirs, False)}) | "
+                f"{'yes' if a <= b else 'no'} |"
+            )
     for scheme in ("http", "https"):
         nginx = [v for k, v in speeds.items() if k.startswith(f"{scheme}: nginx")]
         ours = [v for k, v in speeds.items() if k.startswith(f"{scheme}: blob server")]

@@ -55,11 +55,32 @@ class LogEntry:
 class HAProxy(_Service):
     """`haproxy -f deploy/haproxy.cfg` with its RR_* variables pointing at loopback."""
 
-    def __init__(self, ca: TestCA, replicas: list[str], blobs: list[str] = ()):
+    def __init__(
+        self,
+        ca: TestCA,
+        replicas: list[str],
+        blobs: list[str] = (),
+        *,
+        health: tuple[str, str] | None = None,
+    ):
+        """`health`: another server behind the same configuration (bench/cache.py puts
+        distribution there): its health check's path and `http-check expect` argument
+        instead of the proxy's /readyz and 200."""
         self.ca = ca
         self.replicas = replicas
         self.blobs = list(blobs)  # the replicas' blob servers (RR_BLOBS1-3), if any
         self.dir = Path(tempfile.mkdtemp(prefix="e2e-haproxy-"))
+        self.config = HAPROXY_CFG
+        if health is not None:
+            text = HAPROXY_CFG.read_text()
+            for line, replacement in (
+                ("uri /readyz\n", f"uri {health[0]}\n"),
+                ("http-check expect status 200\n", f"http-check expect {health[1]}\n"),
+            ):
+                assert text.count(line) == 1, f"deploy/haproxy.cfg: no single {line!r}"
+                text = text.replace(line, replacement)
+            self.config = self.dir / "haproxy.cfg"
+            self.config.write_text(text)
         self.log_path = self.dir / "haproxy.log"
         self.port = 0
         self.stats_port = 0
@@ -90,14 +111,14 @@ class HAProxy(_Service):
     def start(self, timeout: float = 20.0) -> HAProxy:
         self.port, self.stats_port = free_port(), free_port()
         check = subprocess.run(
-            ["haproxy", "-c", "-f", str(HAPROXY_CFG)],
+            ["haproxy", "-c", "-f", str(self.config)],
             env=self.env(),
             capture_output=True,
             text=True,
             timeout=30,
         )
         assert check.returncode == 0, check.stdout + check.stderr
-        self._launch(["haproxy", "-f", str(HAPROXY_CFG)], self.env(), timeout)
+        self._launch(["haproxy", "-f", str(self.config)], self.env(), timeout)
         try:
             wait_for_port(self.stats_port, timeout=timeout, proc=self.proc, describe=self.log_text)
         except LaunchError:
