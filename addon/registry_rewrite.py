@@ -32,6 +32,7 @@ from regrewrite.addons.accesslog import AccessLog
 from regrewrite.addons.cache import BlobCache
 from regrewrite.addons.decisionlog import DecisionLog
 from regrewrite.addons.health import Health, reverse_target
+from regrewrite.addons.idle import UnloadIdle
 from regrewrite.addons.metrics import Metrics
 from regrewrite.addons.trusted import TrustedProxies
 from regrewrite.api import Origin
@@ -1185,4 +1186,5 @@ addons = [
     Metrics(),
     AccessLog(),
     DecisionLog(),
+    UnloadIdle(),
 ]

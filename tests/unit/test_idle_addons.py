@@ -1,0 +1,139 @@
+"""registry_unload_idle_addons (addon/regrewrite/addons/idle.py): which of mitmproxy's
+addons are unloaded in mitmdump, checked against the installed mitmproxy."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+from mitmproxy import addonmanager, addons, exceptions, hooks, options
+from mitmproxy.addons import dumper, keepserving, readfile
+from mitmproxy.test import taddons
+from mitmproxy.tools.dump import DumpMaster
+
+from regrewrite.addons import idle
+from regrewrite.addons.idle import ANY, IDLE_WHEN, UnloadIdle
+
+
+def declared(addon) -> dict[str, object]:
+    """The options `addon` declares in its load hook, with their defaults."""
+    with taddons.context() as tctx:
+        before = set(tctx.options.keys())
+        if hasattr(addon, "load"):
+            addon.load(addonmanager.Loader(tctx.master))
+        return {name: tctx.options.default(name) for name in set(tctx.options.keys()) - before}
+
+
+@pytest.mark.parametrize("key", sorted(IDLE_WHEN), ids=lambda k: k[1])
+def test_the_table_names_every_option_of_the_installed_addon(key):
+    """A mitmproxy upgrade that adds an option to one of these addons fails here: its
+    idle value must be written down before the addon may be unloaded."""
+    module, name = key
+    cls = getattr(importlib.import_module(f"mitmproxy.addons.{module}"), name)
+    options_of = declared(cls())
+    assert set(options_of) == set(IDLE_WHEN[key])
+    for option, idle_value in IDLE_WHEN[key].items():
+        if idle_value is not ANY and option != "flow_detail":  # (0, not the default 1)
+            assert options_of[option] == idle_value, option
+    # AddonManager.remove calls done synchronously.
+    assert not inspect.iscoroutinefunction(getattr(cls, "done", None))
+
+
+def mitmdump_master(**opts) -> tuple[DumpMaster, UnloadIdle]:
+    master = DumpMaster(options.Options(), with_termlog=False, with_dumper=True)
+    unload = UnloadIdle()
+    master.addons.add(unload)
+    master.options.update(**opts)
+    return master, unload
+
+
+def loaded_names(master) -> set[str]:
+    return {type(a).__name__ for a in master.addons.chain}
+
+
+async def test_mitmdump_unloads_the_idle_ones_and_keeps_those_in_use():
+    master, unload = mitmdump_master(
+        flow_detail=0, map_remote=["|example.com|example.org"], save_stream_file=None
+    )
+    before = loaded_names(master)
+    every_idle = {name for _, name in IDLE_WHEN}
+    assert every_idle - {"MapRemote"} <= before  # (all of them were loaded)
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    after = loaded_names(master)
+    assert after & every_idle == {"MapRemote"}  # set at the start: kept
+    # The proxy itself and the addons that act with default options stay.
+    for kept in ("Core", "Proxyserver", "ScriptLoader", "NextLayer", "TlsConfig", "Block"):
+        assert kept in after
+    assert "UnloadIdle" in after
+
+
+async def test_flow_detail_keeps_the_dumper():
+    master, unload = mitmdump_master()  # flow_detail 1 (mitmdump's default)
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    assert "Dumper" in loaded_names(master)
+    assert "Cut" not in loaded_names(master)
+
+
+async def test_switched_off_nothing_is_unloaded():
+    master, unload = mitmdump_master(registry_unload_idle_addons=False)
+    before = loaded_names(master)
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    assert loaded_names(master) == before
+    master.options.update(map_remote=["|a|b"])  # nothing unloaded: nothing refused
+
+
+def test_other_masters_keep_everything():
+    """mitmweb and the console change options while running: never unloaded there."""
+    with taddons.context() as tctx:
+        unload = UnloadIdle()
+        defaults = [a for a in addons.default_addons() if type(a).__name__ != "Core"]
+        tctx.master.addons.add(unload, *defaults, dumper.Dumper())
+        before = loaded_names(tctx.master)
+        tctx.master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+        assert loaded_names(tctx.master) == before
+
+
+async def test_an_option_of_an_unloaded_addon_is_refused_later_and_keeps_its_value():
+    master, unload = mitmdump_master(flow_detail=0)
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    with pytest.raises(exceptions.OptionsError, match="map_remote: takes effect at the start"):
+        master.options.update(map_remote=["|a|b"])
+    assert master.options.map_remote == []
+    with pytest.raises(exceptions.OptionsError, match="flow_detail"):
+        master.options.update(flow_detail=2)
+    assert master.options.flow_detail == 0
+    with pytest.raises(exceptions.OptionsError, match="registry_unload_idle_addons"):
+        master.options.update(registry_unload_idle_addons=False)
+    assert master.options.registry_unload_idle_addons is True
+    # Options whose value does not matter while the addon would be idle pass, as do
+    # options of addons that were kept.
+    master.options.update(dumper_filter="~q", block_global=False)
+
+
+async def test_a_reloaded_script_still_refuses_the_options_of_addons_unloaded_before():
+    master, unload = mitmdump_master()
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    master.addons.remove(unload)
+    again = UnloadIdle()  # the script's module executed anew
+    master.addons.add(again)
+    master.addons.invoke_addon_sync(again, hooks.RunningHook())
+    with pytest.raises(exceptions.OptionsError, match="proxyauth"):
+        master.options.update(proxyauth="any")
+
+
+def test_only_mitmproxys_own_classes_are_candidates():
+    class MapRemote:  # a user's addon of the same name
+        pass
+
+    assert idle.idle_key(MapRemote()) is None
+    for addon in [
+        *addons.default_addons(),
+        dumper.Dumper(),
+        readfile.ReadFileStdin(),
+        keepserving.KeepServing(),
+    ]:
+        key = idle.idle_key(addon)
+        assert (key is not None) == (
+            (type(addon).__module__.rpartition(".")[2], type(addon).__name__) in IDLE_WHEN
+        )
