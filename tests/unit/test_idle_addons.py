@@ -137,3 +137,24 @@ def test_only_mitmproxys_own_classes_are_candidates():
         assert (key is not None) == (
             (type(addon).__module__.rpartition(".")[2], type(addon).__name__) in IDLE_WHEN
         )
+
+
+async def test_a_failure_while_unloading_never_stops_the_start(monkeypatch, caplog):
+    """An addon whose done hook fails on removal: mitmdump stops when an error is logged
+    during start-up, so the failure is a warning; the addon is gone, so its options are
+    refused; the rest are still unloaded."""
+    from mitmproxy.addons import save
+
+    def fail(self):
+        raise RuntimeError("done failed")
+
+    monkeypatch.setattr(save.Save, "done", fail)
+    master, unload = mitmdump_master(flow_detail=0)
+    with caplog.at_level("DEBUG"):
+        master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert "Save" not in loaded_names(master)
+    assert "SaveHar" not in loaded_names(master)  # (after Save in the table)
+    with pytest.raises(exceptions.OptionsError, match="save_stream_file"):
+        master.options.update(save_stream_file="/tmp/never")
+    assert master.options.save_stream_file is None

@@ -124,11 +124,18 @@ class UnloadIdle:
         for key, conditions in IDLE_WHEN.items():
             addon = loaded.get(key)
             if addon is not None:
-                if not is_idle(conditions, lambda o: getattr(ctx.options, o)):
-                    continue
-                # (remove() replaces the chain list: an event being delivered still
-                # reaches the addons of the list it started with.)
-                manager.remove(addon)
+                try:
+                    if not is_idle(conditions, lambda o: getattr(ctx.options, o)):
+                        continue
+                    # (remove() replaces the chain list: an event being delivered still
+                    # reaches the addons of the list it started with.)
+                    manager.remove(addon)
+                except Exception as e:  # noqa: BLE001 - never stop the proxy's start
+                    # (mitmdump exits when an error is logged while it starts.) remove()
+                    # takes the addon out before its done hook runs, which may have failed.
+                    logger.warning(f"registry: could not unload mitmproxy's {key[1]}: {e!r}")
+                    if any(a is addon for a in manager.chain):
+                        continue
                 gone.append(key[1])
             elif not all(o in ctx.options for o in conditions):
                 continue  # not in this mitmproxy
