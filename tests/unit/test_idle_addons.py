@@ -158,3 +158,112 @@ async def test_a_failure_while_unloading_never_stops_the_start(monkeypatch, capl
     with pytest.raises(exceptions.OptionsError, match="save_stream_file"):
         master.options.update(save_stream_file="/tmp/never")
     assert master.options.save_stream_file is None
+
+
+# What each unloaded addon does besides load and configure, as read in mitmproxy 12.3.1's
+# source when IDLE_WHEN was written: its hooks (each does nothing at the table's idle
+# values) and its commands (still callable once it is unloaded). A mitmproxy upgrade that
+# adds a hook or a command to one of them fails here until that one is read too.
+REVIEWED: dict[str, tuple[set[str], set[str]]] = {
+    "AntiCache": ({"request"}, set()),
+    "AntiComp": ({"request"}, set()),
+    "BlockList": ({"request"}, set()),
+    "Browser": ({"done"}, {"browser.start"}),
+    "CommandHistory": (
+        {"running", "done"},
+        {
+            "commands.history.add",
+            "commands.history.clear",
+            "commands.history.filter",
+            "commands.history.get",
+            "commands.history.next",
+            "commands.history.prev",
+        },
+    ),
+    "Comment": (set(), {"flow.comment"}),
+    "Cut": (set(), {"cut", "cut.clip", "cut.save"}),
+    "Dumper": (
+        {
+            "dns_error",
+            "dns_response",
+            "error",
+            "http_connect_error",
+            "response",
+            "tcp_error",
+            "tcp_message",
+            "udp_error",
+            "udp_message",
+            "websocket_end",
+            "websocket_message",
+        },
+        set(),
+    ),
+    "Export": (set(), {"export", "export.clip", "export.file", "export.formats"}),
+    "MapLocal": ({"request"}, set()),
+    "MapRemote": ({"request"}, set()),
+    "ModifyBody": ({"request", "response"}, set()),
+    "ModifyHeaders": ({"requestheaders", "responseheaders"}, set()),
+    "ProxyAuth": ({"http_connect", "requestheaders", "socks5_auth"}, set()),
+    "ReadFileStdin": ({"running"}, {"readfile.reading"}),
+    "Save": (
+        {
+            "dns_error",
+            "dns_request",
+            "dns_response",
+            "done",
+            "error",
+            "request",
+            "response",
+            "tcp_end",
+            "tcp_error",
+            "tcp_start",
+            "udp_end",
+            "udp_error",
+            "udp_start",
+            "websocket_end",
+        },
+        {"save.file"},
+    ),
+    "SaveHar": ({"done", "error", "response", "websocket_end"}, {"save.har"}),
+    "ServerPlayback": (
+        {"request"},
+        {
+            "replay.server",
+            "replay.server.add",
+            "replay.server.count",
+            "replay.server.file",
+            "replay.server.stop",
+        },
+    ),
+    "StickyAuth": ({"request"}, set()),
+    "StickyCookie": ({"request", "response"}, set()),
+    "UpstreamAuth": ({"http_connect_upstream", "requestheaders"}, set()),
+}
+
+
+def hooks_and_commands(cls) -> tuple[set[str], set[str]]:
+    """The hooks `cls` implements (load and configure aside) and the commands it offers."""
+    found = {h for h in hooks.all_hooks if callable(getattr(cls, h, None))}
+    commands = set()
+    for attr in dir(cls):
+        name = getattr(getattr(cls, attr, None), "command_name", None)
+        if not attr.startswith("__") and isinstance(name, str):
+            commands.add(name)
+    return found - {"load", "configure"}, commands
+
+
+@pytest.mark.parametrize("key", sorted(IDLE_WHEN), ids=lambda k: k[1])
+def test_every_hook_and_command_of_the_installed_addon_was_reviewed(key):
+    """The table's comment promises that a new hook shows up as a failing test, not only a
+    new option: a hook that acts at the idle values would be lost silently."""
+    module, name = key
+    cls = getattr(importlib.import_module(f"mitmproxy.addons.{module}"), name)
+    assert set(REVIEWED) == {n for _, n in IDLE_WHEN}
+    assert hooks_and_commands(cls) == REVIEWED[name]
+
+
+def test_the_review_check_sees_a_new_hook(monkeypatch):
+    from mitmproxy.addons import save
+
+    monkeypatch.setattr(save.Save, "running", lambda self: None, raising=False)
+    assert hooks_and_commands(save.Save) != REVIEWED["Save"]

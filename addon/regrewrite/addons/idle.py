@@ -28,8 +28,8 @@ ANY = object()  # an option whose value does not matter while the others hold
 
 # mitmproxy's addons (module, class) with every option each declares: the value at which
 # it does nothing (tests/unit/test_idle_addons.py checks this against the installed
-# mitmproxy, so a new option or hook there shows up as a failing test, not a silently
-# ignored setting). Left out: those that act with default options (block, tlsconfig,
+# mitmproxy, so a new option, hook or command there shows up as a failing test, not a
+# silently ignored setting). Left out: those that act with default options (block, tlsconfig,
 # disable_h2c, update_alt_svc, onboarding, strip_dns_https_records, ...), those
 # that carry the proxy (core, proxyserver, next_layer, script, dns_resolver, termlog,
 # keepserving, errorcheck) and clientplayback (its done hook is async, which
