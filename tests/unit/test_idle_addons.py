@@ -267,3 +267,46 @@ def test_the_review_check_sees_a_new_hook(monkeypatch):
 
     monkeypatch.setattr(save.Save, "running", lambda self: None, raising=False)
     assert hooks_and_commands(save.Save) != REVIEWED["Save"]
+
+
+async def test_commands_that_need_an_unloaded_addons_hooks_fail_clearly(tmp_path):
+    """replay.server* would load responses into an addon no request reaches any more, and
+    browser.start would start a browser nobody stops (Browser's done already ran): a
+    script calling them gets an error instead. The other commands work without hooks."""
+    from mitmproxy import command, io
+    from mitmproxy.test import tflow
+
+    path = tmp_path / "flows"
+    with path.open("wb") as f:
+        io.FlowWriter(f).add(tflow.tflow(resp=True))
+    master, unload = mitmdump_master()
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    for name, args in [
+        ("replay.server.file", [str(path)]),
+        ("replay.server", [[tflow.tflow(resp=True)]]),
+        ("replay.server.add", [[tflow.tflow(resp=True)]]),
+        ("browser.start", []),
+    ]:
+        with pytest.raises(exceptions.CommandError, match="unloaded"):
+            master.commands.call(name, *args)
+    assert master.commands.call("replay.server.count") == 0  # (KeepServing asks)
+    assert master.commands.call("readfile.reading") is False
+    assert "curl" in master.commands.call("export.formats")
+    assert isinstance(master.commands.commands["replay.server"], command.Command)
+    assert (
+        master.commands.commands["replay.server"].signature_help().startswith("replay.server flows")
+    )
+
+
+async def test_kept_addons_keep_their_commands(tmp_path):
+    from mitmproxy import io
+    from mitmproxy.test import tflow
+
+    path = tmp_path / "flows"
+    with path.open("wb") as f:
+        io.FlowWriter(f).add(tflow.tflow(resp=True))
+    master, unload = mitmdump_master(server_replay=[str(path)])
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    assert "ServerPlayback" in loaded_names(master)
+    master.commands.call("replay.server", [tflow.tflow(resp=True), tflow.tflow(resp=True)])
+    assert master.commands.call("replay.server.count") == 2

@@ -18,6 +18,7 @@ them. Here an option of an unloaded addon that changes after the start is refuse
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from mitmproxy import ctx, exceptions
@@ -83,6 +84,16 @@ IDLE_WHEN: dict[tuple[str, str], dict[str, object]] = {
 }
 
 
+# Commands of the unloaded addons that act through the addon's hooks: once it is unloaded
+# they would do nothing (replay.server*: responses no request reaches) or leave something
+# behind (browser.start: the browser its done hook would have stopped), so they fail
+# instead. The others (cut, export, save.file, replay.server.count that KeepServing asks,
+# ...) work without hooks and stay.
+NEEDS_HOOKS = frozenset(
+    ("replay.server", "replay.server.add", "replay.server.file", "browser.start")
+)
+
+
 def idle_key(addon) -> tuple[str, str] | None:
     """The IDLE_WHEN key of one of mitmproxy's own addons, else None (a user's class of
     the same name is never touched)."""
@@ -137,6 +148,7 @@ class UnloadIdle:
                     if any(a is addon for a in manager.chain):
                         continue
                 gone.append(key[1])
+                _refuse_commands(ctx.master.commands, addon, key[1])
             elif not all(o in ctx.options for o in conditions):
                 continue  # not in this mitmproxy
             # Unloaded now, or before this script was reloaded.
@@ -168,6 +180,23 @@ class UnloadIdle:
                     "was unloaded while the options left it idle; restart with it set, or "
                     "with registry_unload_idle_addons=false)"
                 )
+
+
+def _refuse_commands(commands, addon, name: str) -> None:
+    """Make the commands of the unloaded `addon` that need its hooks fail clearly."""
+    for path in NEEDS_HOOKS:
+        cmd = commands.commands.get(path)
+        if cmd is None or getattr(cmd.func, "__self__", None) is not addon:
+            continue
+
+        @functools.wraps(cmd.func)  # (the same signature for mitmproxy's parser)
+        def refuse(*args, _path=path, **kwargs):
+            raise exceptions.CommandError(
+                f"{_path}: mitmproxy's {name} addon was unloaded while the options left it "
+                "idle; restart with --set registry_unload_idle_addons=false"
+            )
+
+        cmd.func = refuse
 
 
 def _is_mitmdump(master) -> bool:
