@@ -3,11 +3,12 @@ addons are unloaded in mitmdump, checked against the installed mitmproxy."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 
 import pytest
-from mitmproxy import addonmanager, addons, exceptions, hooks, options
+from mitmproxy import addonmanager, addons, ctx, exceptions, hooks, options
 from mitmproxy.addons import dumper, keepserving, readfile
 from mitmproxy.test import taddons
 from mitmproxy.tools.dump import DumpMaster
@@ -60,6 +61,7 @@ async def test_mitmdump_unloads_the_idle_ones_and_keeps_those_in_use():
     every_idle = {name for _, name in IDLE_WHEN}
     assert every_idle - {"MapRemote"} <= before  # (all of them were loaded)
     master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    await asyncio.sleep(0)  # (it unloads once the running event is through)
     after = loaded_names(master)
     assert after & every_idle == {"MapRemote"}  # set at the start: kept
     # The proxy itself and the addons that act with default options stay.
@@ -71,6 +73,7 @@ async def test_mitmdump_unloads_the_idle_ones_and_keeps_those_in_use():
 async def test_flow_detail_keeps_the_dumper():
     master, unload = mitmdump_master()  # flow_detail 1 (mitmdump's default)
     master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    await asyncio.sleep(0)  # (it unloads once the running event is through)
     assert "Dumper" in loaded_names(master)
     assert "Cut" not in loaded_names(master)
 
@@ -79,6 +82,7 @@ async def test_switched_off_nothing_is_unloaded():
     master, unload = mitmdump_master(registry_unload_idle_addons=False)
     before = loaded_names(master)
     master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    await asyncio.sleep(0)  # (it unloads once the running event is through)
     assert loaded_names(master) == before
     master.options.update(map_remote=["|a|b"])  # nothing unloaded: nothing refused
 
@@ -97,6 +101,7 @@ def test_other_masters_keep_everything():
 async def test_an_option_of_an_unloaded_addon_is_refused_later_and_keeps_its_value():
     master, unload = mitmdump_master(flow_detail=0)
     master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    await asyncio.sleep(0)  # (it unloads once the running event is through)
     with pytest.raises(exceptions.OptionsError, match="map_remote: takes effect at the start"):
         master.options.update(map_remote=["|a|b"])
     assert master.options.map_remote == []
@@ -114,10 +119,12 @@ async def test_an_option_of_an_unloaded_addon_is_refused_later_and_keeps_its_val
 async def test_a_reloaded_script_still_refuses_the_options_of_addons_unloaded_before():
     master, unload = mitmdump_master()
     master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    await asyncio.sleep(0)  # (it unloads once the running event is through)
     master.addons.remove(unload)
     again = UnloadIdle()  # the script's module executed anew
     master.addons.add(again)
     master.addons.invoke_addon_sync(again, hooks.RunningHook())
+    await asyncio.sleep(0)  # (it unloads once the running event is through)
     with pytest.raises(exceptions.OptionsError, match="proxyauth"):
         master.options.update(proxyauth="any")
 
@@ -152,6 +159,7 @@ async def test_a_failure_while_unloading_never_stops_the_start(monkeypatch, capl
     master, unload = mitmdump_master(flow_detail=0)
     with caplog.at_level("DEBUG"):
         master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+        await asyncio.sleep(0)  # (it unloads once the running event is through)
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     assert "Save" not in loaded_names(master)
     assert "SaveHar" not in loaded_names(master)  # (after Save in the table)
@@ -281,6 +289,7 @@ async def test_commands_that_need_an_unloaded_addons_hooks_fail_clearly(tmp_path
         io.FlowWriter(f).add(tflow.tflow(resp=True))
     master, unload = mitmdump_master()
     master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    await asyncio.sleep(0)  # (it unloads once the running event is through)
     for name, args in [
         ("replay.server.file", [str(path)]),
         ("replay.server", [[tflow.tflow(resp=True)]]),
@@ -307,6 +316,43 @@ async def test_kept_addons_keep_their_commands(tmp_path):
         io.FlowWriter(f).add(tflow.tflow(resp=True))
     master, unload = mitmdump_master(server_replay=[str(path)])
     master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    await asyncio.sleep(0)  # (it unloads once the running event is through)
     assert "ServerPlayback" in loaded_names(master)
     master.commands.call("replay.server", [tflow.tflow(resp=True), tflow.tflow(resp=True)])
     assert master.commands.call("replay.server.count") == 2
+
+
+async def test_options_set_by_a_later_running_hook_are_honoured():
+    """mitmproxy calls `running` along its chain: addons after this script's (and later
+    scripts, e.g. ``-s other.py``) may still set options at the start. Unloading in this
+    running hook refused them there, and the OptionsError out of a running hook stopped
+    mitmdump with a traceback."""
+
+    class LaterScript:
+        def running(self):
+            ctx.options.map_remote = ["|example.com|example.org"]
+
+    master, unload = mitmdump_master(flow_detail=0)
+    later = LaterScript()
+    master.addons.add(later)
+    await master.addons.trigger_event(hooks.RunningHook())  # unload's, then later's
+    await asyncio.sleep(0)
+    after = loaded_names(master)
+    assert "MapRemote" in after
+    assert "Dumper" not in after
+    assert master.options.map_remote == ["|example.com|example.org"]
+
+
+async def test_nothing_is_unloaded_by_a_script_gone_or_switched_off_before_its_turn():
+    master, unload = mitmdump_master()
+    before = loaded_names(master)
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    master.options.update(registry_unload_idle_addons=False)  # (a later running hook)
+    await asyncio.sleep(0)
+    assert loaded_names(master) == before
+
+    master, unload = mitmdump_master()
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    master.addons.remove(unload)  # (the script reloaded: the new instance unloads)
+    await asyncio.sleep(0)
+    assert loaded_names(master) == before - {"UnloadIdle"}

@@ -18,6 +18,7 @@ them. Here an option of an unloaded addon that changes after the start is refuse
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 
@@ -129,7 +130,20 @@ class UnloadIdle:
     def running(self):
         if not ctx.options.registry_unload_idle_addons or not _is_mitmdump(ctx.master):
             return
+        # Once the whole running event has gone along the chain: the addons after this
+        # script's (and later scripts) may still set options in their running hooks, at
+        # the start, and an addon removed now would see that event after its done hook.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.unload()
+        else:
+            loop.call_soon(self.unload)
+
+    def unload(self) -> None:
         manager = ctx.master.addons
+        if manager.get(_name(self)) is not self or not ctx.options.registry_unload_idle_addons:
+            return  # (this script was unloaded or reloaded since, or the option turned off)
         loaded = {idle_key(addon): addon for addon in manager.chain}
         gone = []
         for key, conditions in IDLE_WHEN.items():
@@ -197,6 +211,11 @@ def _refuse_commands(commands, addon, name: str) -> None:
             )
 
         cmd.func = refuse
+
+
+def _name(addon) -> str:
+    """The name mitmproxy's addon manager knows `addon` by."""
+    return getattr(addon, "name", type(addon).__name__.lower())
 
 
 def _is_mitmdump(master) -> bool:
