@@ -356,3 +356,22 @@ async def test_nothing_is_unloaded_by_a_script_gone_or_switched_off_before_its_t
     master.addons.remove(unload)  # (the script reloaded: the new instance unloads)
     await asyncio.sleep(0)
     assert loaded_names(master) == before - {"UnloadIdle"}
+
+
+async def test_an_addon_a_user_removed_is_not_taken_for_one_this_unloaded():
+    """A script that removes mitmproxy's Dumper itself (to print flows its own way, reading
+    flow_detail) did not have it unloaded here: its options stay free, and no message
+    blames this addon. Only what an UnloadIdle really unloaded is refused, reloads too."""
+    master, unload = mitmdump_master()
+    master.addons.remove(master.addons.get("dumper"))  # (flow_detail stays 1)
+    master.addons.invoke_addon_sync(unload, hooks.RunningHook())
+    await asyncio.sleep(0)
+    master.options.update(flow_detail=2)
+    master.addons.remove(unload)
+    again = UnloadIdle()  # reloaded
+    master.addons.add(again)
+    master.addons.invoke_addon_sync(again, hooks.RunningHook())
+    await asyncio.sleep(0)
+    master.options.update(flow_detail=3)
+    with pytest.raises(exceptions.OptionsError, match="map_remote"):
+        master.options.update(map_remote=["|a|b"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 
 from mitmproxy import ctx, exceptions
 
@@ -95,6 +96,13 @@ NEEDS_HOOKS = frozenset(
 )
 
 
+# master -> option -> (the addon unloaded, the option's idle value), for every UnloadIdle
+# of that master: this module is imported, not run as the script, so a reload keeps it.
+_UNLOADED: weakref.WeakKeyDictionary[object, dict[str, tuple[str, object]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def idle_key(addon) -> tuple[str, str] | None:
     """The IDLE_WHEN key of one of mitmproxy's own addons, else None (a user's class of
     the same name is never touched)."""
@@ -130,6 +138,9 @@ class UnloadIdle:
     def running(self):
         if not ctx.options.registry_unload_idle_addons or not _is_mitmdump(ctx.master):
             return
+        # What an earlier instance unloaded, before this script was reloaded (absent is
+        # not enough: a user's script may have removed an addon itself).
+        self.unloaded = _UNLOADED.setdefault(ctx.master, {})
         # Once the whole running event has gone along the chain: the addons after this
         # script's (and later scripts) may still set options in their running hooks, at
         # the start, and an addon removed now would see that event after its done hook.
@@ -163,11 +174,8 @@ class UnloadIdle:
                         continue
                 gone.append(key[1])
                 _refuse_commands(ctx.master.commands, addon, key[1])
-            elif not all(o in ctx.options for o in conditions):
-                continue  # not in this mitmproxy
-            # Unloaded now, or before this script was reloaded.
-            for option, idle in conditions.items():
-                self.unloaded[option] = (key[1], idle)
+                for option, idle in conditions.items():
+                    self.unloaded[option] = (key[1], idle)
         if gone:
             logger.info(
                 f"registry: unloaded {len(gone)} of mitmproxy's addons these options leave "
