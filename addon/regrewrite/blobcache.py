@@ -145,9 +145,12 @@ class Store:
             return None
 
     def touch(self, path: str) -> None:
-        """Mark as just served (the LRU clock); a read-only directory only loses order."""
+        """Mark as just served (the LRU clock); a read-only directory only loses order.
+        The time is given to the nanosecond: the kernel's own (``utime(path)``) moves in
+        ticks of a few ms, and two hits within one tick tied in eviction order."""
+        now = time.time_ns()
         try:
-            os.utime(path)
+            os.utime(path, ns=(now, now))
         except OSError:
             pass
 

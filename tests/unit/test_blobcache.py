@@ -166,6 +166,20 @@ def test_eviction_is_lru_by_mtime_and_spares_pinned(tmp_path):
     assert [os.path.exists(p) for p in paths] == [True, True, False, False]
 
 
+def test_hits_moments_apart_keep_their_order(tmp_path):
+    """Two hits a moment apart: the later one is the more recently served. (The
+    kernel's own utime time moves in ticks of a few ms: both got the same mtime, and
+    eviction took either; a test of the cache caught it under load.)"""
+    store = Store(str(tmp_path))
+    first, then = tmp_path / "first", tmp_path / "then"
+    first.write_bytes(b"x")
+    then.write_bytes(b"x")
+    for _ in range(50):
+        store.touch(str(first))
+        store.touch(str(then))
+        assert then.stat().st_mtime_ns > first.stat().st_mtime_ns
+
+
 def test_stale_temp_files_are_cleaned(tmp_path):
     store = Store(str(tmp_path))
     (tmp_path / "up" / "tmp").mkdir(parents=True)
