@@ -260,24 +260,8 @@ class Bench:
     def concurrent(self, n: int) -> None:
         c = self.proxy(self.fresh("cache"))
         self.link.reset_counts()
-        errors: list[BaseException] = []
-
-        def one() -> None:
-            try:
-                self.skopeo(c.host, CLIENT_REPO, tls=False, creds=ALICE)
-            except BaseException as e:  # reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=one) for _ in range(n)]
-        start = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=900)
-        seconds = time.monotonic() - start
+        seconds = at_once(lambda: self.skopeo(c.host, CLIENT_REPO, tls=False, creds=ALICE), n)
         self.record("skopeo", f"{n} concurrent cold", [seconds], self.link.bytes_down)
-        if errors:
-            raise errors[0]
         c.stop()
 
     def hit_throughput(self, reps: int) -> dict[str, list[float]]:
@@ -421,6 +405,29 @@ class Bench:
                 auth = ["-H", f"Authorization: Bearer {tokens[name]}"]
                 speed = _curl_speed(name, ["-L", *ca, *auth, f"{ha.url}{path}"])
                 speeds[f"https: HAProxy, {name}"].append(speed)
+
+
+def at_once(work, n: int, timeout: float = 900) -> float:
+    """Seconds until `n` threads running `work()` together have all returned; the first
+    error any of them raised is raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return seconds
 
 
 def _curl_speed(name: str, args: list[str]) -> float:

@@ -35,7 +35,6 @@ import ssl
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.cache import CLIENT_REPO, UPSTREAM_REPO, Bench, _now  # noqa: E402
+from bench.cache import CLIENT_REPO, UPSTREAM_REPO, Bench, _now, at_once  # noqa: E402
 from bench.results_file import write_keeping_reading  # noqa: E402
 from tests.e2e.regclient import RegistryHTTP  # noqa: E402
 from tests.e2e.upstream import ALICE, LOOPBACK, Mitmdump  # noqa: E402
@@ -95,24 +94,7 @@ def one_request(t: Target, tls: ssl.SSLContext | None) -> None:
 
 def one_round(t: Target, tls: ssl.SSLContext | None, parallel: int) -> float:
     """Seconds until `parallel` requests, each on a new connection, are all answered."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            one_request(t, tls)
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(parallel)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    seconds = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    return seconds
+    return at_once(lambda: one_request(t, tls), parallel, timeout=60)
 
 
 def measure(targets: list[Target], tls: ssl.SSLContext, rounds: int) -> None:
