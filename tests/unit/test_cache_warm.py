@@ -766,9 +766,9 @@ def test_a_hit_looks_at_the_disk_once_and_does_not_wait_for_its_touch(both, monk
         release.set()
 
 
-def _question_held(monkeypatch):
-    """A fake upstream whose every answer (a yes) waits for `release`; `asked` is set
-    once a question is being asked."""
+def _hit_while_asked(cache, monkeypatch, f, meanwhile) -> None:
+    """`f` through the cache's requestheaders with a fake upstream whose answer (a yes)
+    waits until `meanwhile()` has run, once the question is being asked."""
     asked, release = threading.Event(), threading.Event()
 
     def fetch(method, url, headers, body, tls, timeout):
@@ -777,7 +777,20 @@ def _question_held(monkeypatch):
         return realm.Reply(200, (), b"")
 
     monkeypatch.setattr("regrewrite.realm.fetch", fetch)
-    return asked, release
+
+    async def run():
+        cache.loop = asyncio.get_running_loop()
+        hit = asyncio.ensure_future(cache.requestheaders(f))
+        assert await asyncio.to_thread(asked.wait, 5)
+        meanwhile()
+        release.set()
+        await asyncio.wait_for(hit, 5)
+        cache._land(f.id, "failed")
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize("there", ["corrupt", "absent"])
@@ -797,23 +810,13 @@ def test_a_hit_whose_cache_directory_is_reloaded_meanwhile_serves_only_the_new_o
         target = other / "up" / "sha256" / digest.hex
         target.parent.mkdir(parents=True)
         target.write_bytes(b"y" * len(data))
-    asked, release = _question_held(monkeypatch)
-
-    async def run():
-        cache.loop = asyncio.get_running_loop()
-        f = _by_digest(digest)
-        hit = asyncio.ensure_future(cache.requestheaders(f))
-        assert await asyncio.to_thread(asked.wait, 5)
-        cache_addon.ctx.options.update(registry_cache_dir=str(other))
-        release.set()
-        await asyncio.wait_for(hit, 5)
-        cache._land(f.id, "failed")
-        return f
-
-    try:
-        f = asyncio.run(run())
-    finally:
-        release.set()
+    f = _by_digest(digest)
+    _hit_while_asked(
+        cache,
+        monkeypatch,
+        f,
+        lambda: cache_addon.ctx.options.update(registry_cache_dir=str(other)),
+    )
     # Not answered from the new directory: it holds no good copy (the corrupt one is gone).
     assert f.response is None
     assert not (other / "up" / "sha256" / digest.hex).exists()
@@ -831,25 +834,14 @@ def test_a_checked_file_replaced_while_the_upstream_is_asked_is_not_served_unche
     digest = put(cache.store, data)
     path = cache.store.path("up", digest)
     cache.verified.add(cache_addon._ident(path))
-    asked, release = _question_held(monkeypatch)
 
-    async def run():
-        cache.loop = asyncio.get_running_loop()
-        f = _by_digest(digest, kind)
-        hit = asyncio.ensure_future(cache.requestheaders(f))
-        assert await asyncio.to_thread(asked.wait, 5)
+    def replace() -> None:
         with open(path + ".new", "wb") as new:  # same size, other bytes, other inode
             new.write(bytes(len(data)))
         os.rename(path + ".new", path)
-        release.set()
-        await asyncio.wait_for(hit, 5)
-        cache._land(f.id, "failed")
-        return f
 
-    try:
-        f = asyncio.run(run())
-    finally:
-        release.set()
+    f = _by_digest(digest, kind)
+    _hit_while_asked(cache, monkeypatch, f, replace)
     assert f.response is None or f.response.content == data
 
 
